@@ -1,0 +1,3 @@
+from blocktrack.cli import main
+
+raise SystemExit(main())
