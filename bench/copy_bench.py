@@ -1,0 +1,183 @@
+"""`make bench`: blocktrack's copy and read speed against dd, qemu-img and fio, in one run.
+
+Everything runs on loop devices with direct I/O (O_DIRECT on both ends), on the same machine, in the
+same run, so the ratios mean something even though absolute numbers swing 2x between runs here.
+Each measurement is the best of --repeat runs. Peak RSS comes from wait4() on each process.
+
+  python3 bench/copy_bench.py [--size 2G] [--repeat 3] [--sparse-size 64G] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from blocktrack.commands.common import parse_size  # noqa: E402
+
+BT = [sys.executable, "-m", "blocktrack"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def losetup(path: Path) -> str:
+    return subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(path)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def fill(path: Path, size: int) -> None:
+    """Incompressible data with a few zero chunks, written once."""
+    rng = random.Random(1)
+    with open(path, "wb") as f:
+        for offset in range(0, size, 64 << 20):
+            piece = min(64 << 20, size - offset)
+            f.write(rng.randbytes(piece))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_pipeline(commands: list[list[str]]) -> tuple[float, int]:
+    """Run commands connected by pipes; return (seconds, peak RSS in KiB of the largest process)."""
+    started = time.monotonic()
+    procs = []
+    prev = None
+    for i, cmd in enumerate(commands):
+        last = i == len(commands) - 1
+        proc = subprocess.Popen(cmd, stdin=prev, stdout=None if last else subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ENV)
+        if prev is not None:
+            prev.close()
+        prev = proc.stdout
+        procs.append(proc)
+    peak = 0
+    failures = []
+    for proc, cmd in zip(procs, commands):
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode(errors="replace")
+        peak = max(peak, usage.ru_maxrss)
+        if proc.returncode != 0:
+            failures.append(f"{shlex.join(cmd)} exited {proc.returncode}: {err.strip()[-500:]}")
+    elapsed = time.monotonic() - started
+    if failures:
+        raise SystemExit("benchmark command failed:\n" + "\n".join(failures))
+    return elapsed, peak
+
+
+def best(repeat: int, commands: list[list[str]]) -> tuple[float, int]:
+    results = [run_pipeline(commands) for _ in range(repeat)]
+    return min(r[0] for r in results), max(r[1] for r in results)
+
+
+def run_tcp(src: str, dst: str) -> tuple[float, int]:
+    started = time.monotonic()
+    receiver = subprocess.Popen([*BT, "receive", "--listen", "127.0.0.1:0", "--device", f"d={dst}", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
+    port = json.loads(receiver.stdout.readline())["port"]
+    sender = subprocess.Popen([*BT, "send", "--device", f"d={src}", "--to", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    peak = 0
+    for proc in (sender, receiver):
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = max(peak, usage.ru_maxrss)
+        if proc.returncode:
+            raise SystemExit(f"tcp copy failed: {proc.stderr.read()}")
+    return time.monotonic() - started, peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("2G"))
+    parser.add_argument("--sparse-size", type=parse_size, default=parse_size("64G"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/var/tmp"))
+    args = parser.parse_args()
+    size = args.size
+    mb = size / 1e6
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bt-bench-", dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        src_img, dst_img = tmp / "src.img", tmp / "dst.img"
+        print(f"preparing {size >> 20} MiB of data ...", flush=True)
+        fill(src_img, size)
+        with open(dst_img, "wb") as f:
+            f.truncate(size)
+        devices = []
+        try:
+            src, dst = losetup(src_img), losetup(dst_img)
+            devices += [src, dst]
+            copies = {
+                "dd iflag=direct oflag=direct bs=1M": lambda: best(args.repeat, [[
+                    "dd", f"if={src}", f"of={dst}", "iflag=direct", "oflag=direct", "bs=1M", "status=none"]]),
+                "qemu-img convert -t none -T none -W -m 8": lambda: best(args.repeat, [[
+                    "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-t", "none", "-T", "none", "-W",
+                    "-m", "8", src, dst]]),
+                "blocktrack send | receive (pipe)": lambda: best(args.repeat, [
+                    [*BT, "send", "--device", f"d={src}", "--output", "-"],
+                    [*BT, "receive", "--device", f"d={dst}", "--input", "-"]]),
+                "blocktrack send → receive (TCP loopback)": lambda: min(
+                    (run_tcp(src, dst) for _ in range(args.repeat)), key=lambda r: r[0]),
+            }
+            reads = {
+                "fio read --direct=1 --iodepth=8 bs=1M": lambda: best(args.repeat, [[
+                    "fio", "--name=read", f"--filename={src}", "--direct=1", "--rw=read", "--bs=1M",
+                    "--iodepth=8", "--ioengine=libaio", f"--size={size}", "--output=/dev/null"]]),
+                "dd iflag=direct bs=1M of=/dev/null": lambda: best(args.repeat, [[
+                    "dd", f"if={src}", "of=/dev/null", "iflag=direct", "bs=1M", "status=none"]]),
+                "blocktrack send --output /dev/null": lambda: best(args.repeat, [[
+                    *BT, "send", "--device", f"d={src}", "--envelope", "none", "--output", "/dev/null"]]),
+            }
+            for group, table in (("copy", copies), ("read", reads)):
+                for name, measure in table.items():
+                    seconds, rss = measure()
+                    rows.append({"group": group, "name": name, "seconds": round(seconds, 3),
+                                 "mb_per_s": round(mb / seconds, 1), "peak_rss_mib": round(rss / 1024, 1)})
+                    print(f"  {group:5} {name:45} {mb / seconds:8.1f} MB/s  peak RSS {rss / 1024:6.1f} MiB",
+                          flush=True)
+            subprocess.run(["cmp", src, dst], check=True)
+        finally:
+            for device in devices:
+                subprocess.run(["losetup", "--detach", device], check=False)
+        # Peak RSS on a large sparse device: memory must not grow with the device.
+        sparse = tmp / "sparse.img"
+        with open(sparse, "wb") as f:
+            f.truncate(args.sparse_size)
+        sparse_dev = losetup(sparse)
+        try:
+            seconds, rss = run_pipeline([[*BT, "send", "--device", f"big={sparse_dev}", "--zero-blocks",
+                                          "--envelope", "none", "--output", "/dev/null"]])
+        finally:
+            subprocess.run(["losetup", "--detach", sparse_dev], check=False)
+        rows.append({"group": "rss", "name": f"send {args.sparse_size >> 30} GiB sparse device",
+                     "seconds": round(seconds, 3), "mb_per_s": round(args.sparse_size / 1e6 / seconds, 1),
+                     "peak_rss_mib": round(rss / 1024, 1)})
+        print(f"  rss   send of a {args.sparse_size >> 30} GiB sparse device: peak RSS {rss / 1024:.1f} MiB "
+              f"({args.sparse_size / 1e6 / seconds:.0f} MB/s)", flush=True)
+    def ratio_table(group, peers, ours):
+        best_peer = max((r for r in rows if r["group"] == group and r["name"] in peers), key=lambda r: r["mb_per_s"])
+        print(f"\n{group}: best peer {best_peer['name']} at {best_peer['mb_per_s']} MB/s")
+        for r in rows:
+            if r["group"] == group:
+                r["ratio_to_best_peer"] = round(r["mb_per_s"] / best_peer["mb_per_s"], 2)
+                mark = "" if r["name"] in peers else ("  <- goal >= 0.9" if r["name"] in ours else "")
+                print(f"  {r['name']:45} {r['ratio_to_best_peer']:5.2f}x{mark}")
+    ratio_table("copy", {"dd iflag=direct oflag=direct bs=1M", "qemu-img convert -t none -T none -W -m 8"},
+                {"blocktrack send | receive (pipe)", "blocktrack send → receive (TCP loopback)"})
+    ratio_table("read", {"fio read --direct=1 --iodepth=8 bs=1M"}, {"blocktrack send --output /dev/null"})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Migration: the sender (devices → stream) and the receiver (stream → targets)."""

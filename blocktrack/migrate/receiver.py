@@ -1,0 +1,126 @@
+"""Receiver: turn a block-migration stream into writes on the targets named on the command line.
+
+The receiver is a wall (ARCHITECTURE.md, invariant 4). Everything it writes has passed these checks
+first, in this order, so a bad stream stops *before* the write it would have caused:
+
+1. the record is well formed (blocktrack.wire validates framing, flags, names, envelope);
+2. its device name is one the operator mapped with ``--device NAME=PATH``;
+3. its sector lies on a chunk boundary and inside the target (QEMU's loader checks neither);
+4. for data records, the whole payload has arrived (read into an aligned buffer before any write),
+   and any bytes that fall past the target's end are zero: a non-zero byte there means the source is
+   larger than the target, and writing the rest would silently drop data.
+
+Writes go through ChunkWriter (O_DIRECT, several in flight). Success — exit 0 — only after the stream
+reached its proper end and every write was flushed and synced.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+from blocktrack.directio import CHUNK_SIZE, ChunkWriter, is_zero
+from blocktrack.dirtymap import DirtyMap
+from blocktrack.errors import BlocktrackError, StreamError, UsageError
+from blocktrack.migrate.sender import DeviceSpec, TransferSummary, unique_names
+from blocktrack.wire import SECTOR_SIZE, StreamReader
+
+
+class _Target:
+    def __init__(self, spec: DeviceSpec, depth: int, chunk_size: int):
+        self.spec = spec
+        self.writer = ChunkWriter(spec.path, chunk_size=chunk_size, depth=depth)
+        self.size = self.writer.size
+        self.written = DirtyMap.for_size(self.size, chunk_size)
+        self.chunks = 0
+        self.zero_chunks = 0
+
+
+def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int = 8,
+                   expect_full: bool = False, chunk_size: int = CHUNK_SIZE) -> TransferSummary:
+    """Apply the stream read from ``source`` to the mapped targets; return what was written.
+
+    With ``expect_full`` the stream must also have written every chunk of every target (a full copy),
+    which catches a sender that stopped early (QEMU 7.2's block migration can). ``chunk_size`` is the
+    wire format's 1 MiB except in the fuzzer, which uses small chunks to run fast.
+    """
+    unique_names(specs)
+    if not specs:
+        raise UsageError("name at least one target with --device NAME=PATH")
+    sectors_per_chunk = chunk_size // SECTOR_SIZE
+    summary = TransferSummary()
+    started = time.monotonic()
+    with ExitStack() as cleanup:
+        targets: dict[str, _Target] = {}
+        for spec in specs:
+            target = _Target(spec, depth, chunk_size)
+            cleanup.callback(_close_quietly, target.writer)
+            targets[spec.name] = target
+        reader = StreamReader(source, chunk_size=chunk_size)
+        total_bytes = sum(target.size for target in targets.values())
+        done_bytes = 0
+        while True:
+            record = reader.next_record()
+            if record is None:
+                break
+            if record.kind != "block":
+                continue
+            target = targets.get(record.device)
+            if target is None:
+                raise StreamError(
+                    f"device {record.device!r} is not mapped on the command line "
+                    f"(mapped: {', '.join(sorted(targets))})", record.offset, record.device)
+            if record.sector % sectors_per_chunk:
+                raise StreamError(f"sector {record.sector} is not on a {chunk_size}-byte chunk boundary",
+                                  record.offset, record.device)
+            offset = record.sector * SECTOR_SIZE
+            if offset >= target.size:
+                raise StreamError(f"sector {record.sector} is beyond the end of target {target.spec.path} "
+                                  f"({target.size} bytes)", record.offset, record.device)
+            length = min(chunk_size, target.size - offset)
+            if record.zero:
+                target.writer.write_zeroes(offset, length)
+                target.zero_chunks += 1
+            else:
+                token, buf = target.writer.buffer()
+                reader.read_payload(buf)
+                if length < chunk_size and not is_zero(buf[length:]):
+                    raise StreamError(
+                        f"chunk at sector {record.sector} carries data past the end of target "
+                        f"{target.spec.path} ({target.size} bytes): the source is larger than the target",
+                        record.offset, record.device)
+                target.writer.submit(token, offset, length)
+            target.chunks += 1
+            target.written.mark(offset // chunk_size)
+            done_bytes += length
+            if progress is not None:
+                progress.update(done_bytes, total_bytes if expect_full else None, device=record.device)
+        # The stream is complete: only now may the targets be called written. flush() waits for
+        # every write and syncs, raising the first failure.
+        for target in targets.values():
+            target.writer.flush()
+        summary.stream_bytes = reader.offset
+        summary.device_bytes = done_bytes
+    for target in targets.values():
+        covered = target.written.count()
+        summary.chunks += target.chunks
+        summary.zero_chunks += target.zero_chunks
+        summary.devices.append({"name": target.spec.name, "path": target.spec.path, "size": target.size,
+                                "chunks": target.chunks, "zero_chunks": target.zero_chunks,
+                                "chunks_covered": covered, "target_chunks": target.written.nchunks,
+                                "direct_io": target.writer.direct})
+        if expect_full and covered != target.written.nchunks:
+            missing = target.written.nchunks - covered
+            raise StreamError(f"the stream ended without {missing} of {target.written.nchunks} chunks of "
+                              f"{target.spec.name!r}: the target is incomplete", device=target.spec.name)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _close_quietly(writer) -> None:
+    """Close a writer on the way out. After a successful flush() there is nothing left to fail; on an
+    error path the error already being raised is the one the operator needs to see."""
+    try:
+        writer.close()
+    except BlocktrackError:
+        pass

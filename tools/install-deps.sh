@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what blocktrack's build, tests, kernel lab and benchmarks need: Debian packages with
+# apt-get, Python packages with pip. Safe to run again.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+debs=(
+  gcc make cpio kmod util-linux            # build, losetup, initramfs
+  qemu-system-x86 qemu-utils               # the kernel lab; QEMU as a wire-format peer; qemu-img/qemu-io/qemu-nbd
+  busybox-static                           # the lab's initramfs
+  lvm2 dmsetup thin-provisioning-tools     # LVM, device-mapper, era_invalidate/era_dump (used inside the lab)
+  nbd-client nbdkit libnbd-bin             # kernel NBD client, NBD peers (nbdinfo, nbdcopy)
+  e2fsprogs fio udev                       # filesystems in the lab, benchmarks, udevd in the lab
+)
+missing=()
+for pkg in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+python3 -m pip install -q --disable-pip-version-check "cffi>=1.15" "ioctl-opt>=1.2" "xxhash>=3" \
+  "pytest>=7" "hypothesis>=6" "pytest-timeout" setuptools wheel
