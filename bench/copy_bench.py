@@ -2,7 +2,9 @@
 
 Everything runs on loop devices with direct I/O (O_DIRECT on both ends), on the same machine, in the
 same run, so the ratios mean something even though absolute numbers swing 2x between runs here.
-Each measurement is the best of --repeat runs. Peak RSS comes from wait4() on each process.
+Each measurement is the best of --repeat runs. Peak RSS is GNU time's %M for each process: taking
+ru_maxrss from our own wait4() would count the benchmark's own memory, which a forked child inherits
+in its high-water mark even after exec.
 
   python3 bench/copy_bench.py [--size 2G] [--repeat 3] [--sparse-size 64G] [--json FILE]
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from blocktrack.commands.common import parse_size  # noqa: E402
 
 BT = [sys.executable, "-m", "blocktrack"]
+GNU_TIME = "/usr/bin/time"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
@@ -44,32 +47,40 @@ def fill(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def _timed(cmd: list[str], rss_file: Path) -> list[str]:
+    return [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
+
+
+def _peak_rss_kib(rss_file: Path) -> int:
+    lines = [line for line in rss_file.read_text().splitlines() if line.strip().isdigit()]
+    return int(lines[-1]) if lines else 0
+
+
 def run_pipeline(commands: list[list[str]]) -> tuple[float, int]:
     """Run commands connected by pipes; return (seconds, peak RSS in KiB of the largest process)."""
-    started = time.monotonic()
-    procs = []
-    prev = None
-    for i, cmd in enumerate(commands):
-        last = i == len(commands) - 1
-        proc = subprocess.Popen(cmd, stdin=prev, stdout=None if last else subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=ENV)
-        if prev is not None:
-            prev.close()
-        prev = proc.stdout
-        procs.append(proc)
-    peak = 0
-    failures = []
-    for proc, cmd in zip(procs, commands):
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read().decode(errors="replace")
-        peak = max(peak, usage.ru_maxrss)
-        if proc.returncode != 0:
-            failures.append(f"{shlex.join(cmd)} exited {proc.returncode}: {err.strip()[-500:]}")
-    elapsed = time.monotonic() - started
-    if failures:
-        raise SystemExit("benchmark command failed:\n" + "\n".join(failures))
-    return elapsed, peak
+    with tempfile.TemporaryDirectory(prefix="bt-rss-") as rss_dir:
+        rss_files = [Path(rss_dir) / f"{i}.rss" for i in range(len(commands))]
+        started = time.monotonic()
+        procs = []
+        prev = None
+        for i, cmd in enumerate(commands):
+            last = i == len(commands) - 1
+            proc = subprocess.Popen(_timed(cmd, rss_files[i]), stdin=prev,
+                                    stdout=subprocess.DEVNULL if last else subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=ENV)
+            if prev is not None:
+                prev.close()
+            prev = proc.stdout
+            procs.append(proc)
+        failures = []
+        for proc, cmd in zip(procs, commands):
+            err = proc.stderr.read().decode(errors="replace")
+            if proc.wait() != 0:
+                failures.append(f"{shlex.join(cmd)} exited {proc.returncode}: {err.strip()[-500:]}")
+        elapsed = time.monotonic() - started
+        if failures:
+            raise SystemExit("benchmark command failed:\n" + "\n".join(failures))
+        return elapsed, max(_peak_rss_kib(f) for f in rss_files)
 
 
 def best(repeat: int, commands: list[list[str]]) -> tuple[float, int]:
@@ -78,23 +89,26 @@ def best(repeat: int, commands: list[list[str]]) -> tuple[float, int]:
 
 
 def run_tcp(src: str, dst: str) -> tuple[float, int]:
-    started = time.monotonic()
-    receiver = subprocess.Popen([*BT, "receive", "--listen", "127.0.0.1:0", "--device", f"d={dst}", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
-    port = json.loads(receiver.stdout.readline())["port"]
-    sender = subprocess.Popen([*BT, "send", "--device", f"d={src}", "--to", f"127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    peak = 0
-    for proc in (sender, receiver):
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        peak = max(peak, usage.ru_maxrss)
-        if proc.returncode:
-            raise SystemExit(f"tcp copy failed: {proc.stderr.read()}")
-    return time.monotonic() - started, peak
+    with tempfile.TemporaryDirectory(prefix="bt-rss-") as rss_dir:
+        rss_send, rss_recv = Path(rss_dir) / "send", Path(rss_dir) / "recv"
+        started = time.monotonic()
+        receiver = subprocess.Popen(
+            _timed([*BT, "receive", "--listen", "127.0.0.1:0", "--device", f"d={dst}", "--json"], rss_recv),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
+        port = json.loads(receiver.stdout.readline())["port"]
+        sender = subprocess.Popen(_timed([*BT, "send", "--device", f"d={src}", "--to", f"127.0.0.1:{port}"],
+                                         rss_send), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+        for proc in (sender, receiver):
+            _, err = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"tcp copy failed: {err}")
+        return time.monotonic() - started, max(_peak_rss_kib(rss_send), _peak_rss_kib(rss_recv))
 
 
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--fill":
+        fill(Path(sys.argv[2]), int(sys.argv[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("2G"))
     parser.add_argument("--sparse-size", type=parse_size, default=parse_size("64G"))
@@ -109,7 +123,7 @@ def main() -> int:
         tmp = Path(tmp)
         src_img, dst_img = tmp / "src.img", tmp / "dst.img"
         print(f"preparing {size >> 20} MiB of data ...", flush=True)
-        fill(src_img, size)
+        subprocess.run([sys.executable, __file__, "--fill", str(src_img), str(size)], check=True)
         with open(dst_img, "wb") as f:
             f.truncate(size)
         devices = []
