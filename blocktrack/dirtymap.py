@@ -126,7 +126,10 @@ class DirtyMap:
         rc = lib.bt_bitmap_next_set(self._bm, start)
         return None if rc == -_ENOENT else check(rc, "find dirty chunk")
 
-    def _next_clear(self, start: int) -> int | None:
+    def next_clear(self, start: int) -> int | None:
+        """The first clean chunk at or after ``start``, or None."""
+        if start < 0:
+            raise IndexError(f"start {start} is negative")
         rc = lib.bt_bitmap_next_clear(self._bm, start)
         return None if rc == -_ENOENT else check(rc, "find clean chunk")
 
@@ -147,7 +150,7 @@ class DirtyMap:
         runs = []
         start = self.next_set(0)
         while start is not None:
-            end = self._next_clear(start)
+            end = self.next_clear(start)
             last = (self.nchunks if end is None else end) - 1
             runs.append([start, last])
             start = None if end is None else self.next_set(end)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -29,7 +30,8 @@ export's size is fixed when the server starts. Many clients may connect, one aft
 or at once (the export allows multi-conn: a flush on one connection covers all).
 
 The server runs until SIGTERM or SIGINT (Ctrl-C); it then stops accepting, answers the
-requests it has already read, flushes the export and exits 0. The dirty map lives in memory:
+requests it has already read, flushes the export and exits 0 (a second signal exits at
+once, without waiting for requests still in flight). The dirty map lives in memory:
 it starts clean and is lost when the server stops."""
 
 EPILOG = f"""\
@@ -122,6 +124,12 @@ def run(args) -> int:
             sys.stderr.flush()
 
         def stop(signum, _frame):
+            if server.stopping:
+                # A second signal while requests are still finishing (a hung device): leave now.
+                sys.stderr.write("blocktrack serve: second signal: exiting without waiting for "
+                                 "requests in flight\n")
+                sys.stderr.flush()
+                os._exit(128 + signum)
             server.shutdown()
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}

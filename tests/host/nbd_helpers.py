@@ -1,0 +1,114 @@
+"""Helpers for the NBD host tests (no tests here): a `blocktrack serve` process and its events.
+
+``Served`` starts ``python -m blocktrack serve TARGET --socket S --json``, waits for its "serving"
+event, and collects every later event on a thread (so a chatty server never blocks on a full
+pipe). ``stop()`` sends a signal and returns the exit code; the events and stderr stay available.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+from tests.conftest import spawn_blocktrack
+
+# Generous bounds so that a hung server fails the test instead of hanging the suite; nothing is
+# measured against them.
+STOP_WAIT = 60
+TOOL_WAIT = 300
+
+
+class Served:
+    def __init__(self, target, socket_path: Path, *extra):
+        self.target = str(target)
+        self.socket = Path(socket_path)
+        self.proc = spawn_blocktrack("serve", self.target, "--socket", self.socket, "--json", *extra, text=True)
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+        self._stdout_done = False
+        self.serving = self._wait_for_start()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+        self.returncode: int | None = None
+        self.stderr = ""
+
+    def _wait_for_start(self) -> dict:
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if event["event"] == "serving":
+                return event
+        self.proc.wait(STOP_WAIT)
+        raise AssertionError(f"blocktrack serve exited ({self.proc.returncode}) before serving: "
+                             f"{self.proc.stderr.read()}")
+
+    def _collect(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.events.append(json.loads(line))
+                self._cond.notify_all()
+        with self._cond:
+            self._stdout_done = True
+            self._cond.notify_all()
+
+    def named(self, name: str) -> list[dict]:
+        with self._cond:
+            return [e for e in self.events if e["event"] == name]
+
+    def wait_event(self, predicate, timeout: float = STOP_WAIT) -> dict:
+        """The first event matching ``predicate``, waiting for it to be printed."""
+        with self._cond:
+            found = []
+
+            def match():
+                found[:] = [e for e in self.events if predicate(e)]
+                return found or self._stdout_done
+
+            self._cond.wait_for(match, timeout)
+            assert found, f"no matching event; events so far: {self.events}"
+            return found[0]
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.returncode = self.proc.wait(STOP_WAIT)
+        self._reader.join(STOP_WAIT)
+        self.stderr = self.proc.stderr.read()
+        self.proc.stderr.close()
+        self.proc.stdout.close()
+        return self.returncode
+
+    def __enter__(self) -> "Served":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.returncode is None:
+            self.stop()
+
+
+def run_tool(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a client tool (nbdinfo, qemu-img, ...) and fail with its output when it fails."""
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=TOOL_WAIT, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dirty_map(uri: str) -> list[dict]:
+    """``nbdinfo --map=qemu:dirty-bitmap:blocktrack --json`` as a list of extents."""
+    out = run_tool("nbdinfo", "--json", "--map=qemu:dirty-bitmap:blocktrack", uri).stdout
+    return json.loads(out)
+
+
+def dirty_chunks(uri: str, chunk: int = 1 << 20) -> list[int]:
+    """The chunk numbers the server reports dirty."""
+    chunks = []
+    for extent in dirty_map(uri):
+        if extent["type"] & 1:
+            assert extent["offset"] % chunk == 0
+            chunks.extend(range(extent["offset"] // chunk, -(-(extent["offset"] + extent["length"]) // chunk)))
+    return chunks

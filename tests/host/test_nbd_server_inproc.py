@@ -1,0 +1,281 @@
+"""The NBD server in this process: sockets handed over directly (as the kernel backend will), the
+freeze gate, replies out of order, shutdown with requests in flight, and the no-lost-update
+invariant against a concurrent sender that clears the dirty map while clients write."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+
+import pytest
+
+from blocktrack.nbd import protocol as p
+from blocktrack.nbd.client import NbdClient
+from blocktrack.nbd.export import Export
+from blocktrack.nbd.handshake import transmission_flags
+from blocktrack.nbd.server import NbdServer
+from tests.conftest import MiB, blank_image, write_image
+
+WAIT = 120  # bound on every wait, so a bug fails instead of hanging; nothing is measured
+
+
+class GatedExport(Export):
+    """An Export whose reads (or writes) at chosen offsets wait until the test lets them go."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gates: dict[int, threading.Event] = {}
+        self.arrived: dict[int, threading.Event] = {}
+
+    def hold(self, offset: int) -> threading.Event:
+        self.gates[offset] = threading.Event()
+        self.arrived[offset] = threading.Event()
+        return self.gates[offset]
+
+    def _wait(self, offset: int) -> None:
+        if offset in self.gates:
+            self.arrived[offset].set()
+            assert self.gates[offset].wait(WAIT)
+
+    def read_into(self, view, offset):
+        self._wait(offset)
+        super().read_into(view, offset)
+
+    def write_from(self, view, offset, *, fua=False):
+        self._wait(offset)
+        super().write_from(view, offset, fua=fua)
+
+
+@pytest.fixture
+def image(tmp_path):
+    return write_image(tmp_path / "disk.img", 16 * MiB, seed=2)
+
+
+@pytest.fixture
+def make_server():
+    servers = []
+
+    def make(export, **kw):
+        server = NbdServer(export, handshake_timeout=WAIT, **kw)
+        servers.append((server, export))
+        return server
+
+    yield make
+    for server, export in servers:
+        server.close()
+        export.close()
+
+
+def pair(server, handshake):
+    """A socketpair: one end served (as the kernel backend does), the other for the test client."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(WAIT)
+    handle = server.serve_socket(theirs, handshake=handshake, peer="socketpair")
+    return NbdClient(ours), handle
+
+
+def test_kernel_style_socket_no_handshake_simple_replies_many_in_flight(image, make_server):
+    """What the kernel client does: no handshake on the wire, simple replies, many requests in
+    flight, cookies as tags; size and flags come from transmission_flags() by ioctl."""
+    export = Export(image)
+    server = make_server(export)
+    client, handle = pair(server, "none")
+    flags = transmission_flags(export, structured=False)
+    assert flags & p.NBD_FLAG_SEND_FLUSH and flags & p.NBD_FLAG_SEND_FUA and not flags & p.NBD_FLAG_SEND_DF
+    original = image.read_bytes()
+    payloads = {i: bytes([i]) * 131072 for i in range(1, 33)}
+    cookies = {}
+    for i, data in payloads.items():
+        cookies[client.request(p.NBD_CMD_WRITE, i * 262144, payload=data, flags=p.NBD_CMD_FLAG_FUA)] = i
+    for _ in payloads:
+        reply = client.reply()
+        assert reply.error == 0
+        cookies.pop(reply.cookie)
+    assert not cookies
+    client.flush()
+    client.trim(15 * MiB, MiB)
+    client.write_zeroes(14 * MiB, 4096)
+    reads = {client.request(p.NBD_CMD_READ, i * 262144, 131072): i for i in payloads}
+    for _ in payloads:
+        reply = client.reply()
+        assert bytes(reply.data) == payloads[reads.pop(reply.cookie)]
+    client.request(p.NBD_CMD_DISC)
+    assert handle.join(WAIT)
+    assert handle.end_reason == "client disconnected (NBD_CMD_DISC)"
+    data = image.read_bytes()
+    for i, payload in payloads.items():
+        assert data[i * 262144:i * 262144 + 131072] == payload
+    assert data[14 * MiB:14 * MiB + 4096] == bytes(4096)
+    assert data[:262144] == original[:262144]
+    assert sorted(export.dirty) == sorted({(i * 262144) // MiB for i in payloads} | {14, 15})
+    client.close()
+
+
+def test_oldstyle_greeting(image, make_server):
+    server = make_server(Export(image))
+    client, handle = pair(server, "oldstyle")
+    greeting = client.recv(p.OLDSTYLE_HELLO.size + p.OLDSTYLE_ZEROES)
+    magic, cliserv, size, flags = p.OLDSTYLE_HELLO.unpack_from(greeting)
+    assert (magic, cliserv, size) == (p.NBDMAGIC, p.CLISERV_MAGIC, 16 * MiB)
+    assert greeting[p.OLDSTYLE_HELLO.size:] == bytes(124) and flags & p.NBD_FLAG_HAS_FLAGS
+    assert client.read(0, 512) == image.read_bytes()[:512]
+    client.disconnect()
+    assert handle.join(WAIT)
+
+
+def test_newstyle_on_a_handed_over_socket(image, make_server):
+    server = make_server(Export(image))
+    client, handle = pair(server, "newstyle")
+    client.handshake(contexts=["qemu:dirty-bitmap:blocktrack"])
+    client.write(3 * MiB, b"x" * 100)
+    assert client.block_status(0, 16 * MiB)["qemu:dirty-bitmap:blocktrack"] == [(3 * MiB, 0), (MiB, 1), (12 * MiB, 0)]
+    client.disconnect()
+    assert handle.join(WAIT)
+
+
+def test_replies_leave_in_completion_order(image, make_server):
+    export = GatedExport(image)
+    server = make_server(export)
+    client, _ = pair(server, "newstyle")
+    client.handshake()
+    release = export.hold(0)
+    slow = client.request(p.NBD_CMD_READ, 0, 4096)
+    fast = client.request(p.NBD_CMD_READ, MiB, 4096)
+    first = client.reply()
+    assert first.cookie == fast and first.error == 0          # answered while the first still waits
+    release.set()
+    second = client.reply()
+    assert second.cookie == slow and bytes(second.data) == image.read_bytes()[:4096]
+    client.disconnect()
+
+
+def test_every_write_is_marked_before_its_reply(image, make_server):
+    export = Export(image)
+    server = make_server(export)
+    client, _ = pair(server, "newstyle")
+    client.handshake()
+    rng = random.Random(5)
+    for _ in range(200):
+        offset = rng.randrange(0, 16 * MiB - 70000)
+        length = rng.randrange(1, 70000)
+        kind = rng.choice(["write", "zero", "trim"])
+        if kind == "write":
+            client.write(offset, b"\x01" * length)
+        elif kind == "zero":
+            client.write_zeroes(offset, length)
+        else:
+            client.trim(offset, length)
+        # The reply has arrived: every chunk the request touched must already be marked.
+        for chunk in range(offset // MiB, (offset + length - 1) // MiB + 1):
+            assert export.dirty.test(chunk), (kind, offset, length, chunk)
+        export.dirty.snapshot_and_clear()
+    client.disconnect()
+
+
+def test_no_lost_update_against_a_concurrent_sender(tmp_path, make_server):
+    """ARCHITECTURE invariant 1, end to end: clients write through NBD on four connections while a
+    "sender" repeatedly takes the dirty set (clearing it) and copies those chunks. After the writers
+    stop and the sender copies what is still dirty, the copy equals the export."""
+    size = 8 * MiB
+    image = blank_image(tmp_path / "disk.img", size)
+    export = Export(image)
+    server = make_server(export)
+    copy = bytearray(size)
+    stop = threading.Event()
+    copied_passes = [0]
+
+    def sender():
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            while not stop.is_set():
+                for chunk in export.dirty.snapshot_and_clear():
+                    copy[chunk * MiB:(chunk + 1) * MiB] = os.pread(fd, MiB, chunk * MiB)
+                copied_passes[0] += 1
+        finally:
+            os.close(fd)
+
+    def writer(seed):
+        client, _ = pair(server, "newstyle")
+        client.handshake()
+        rng = random.Random(seed)
+        for _ in range(300):
+            offset = rng.randrange(0, size - 9000)
+            client.write(offset, rng.randbytes(rng.randrange(1, 9000)))
+        client.disconnect()
+
+    sending = threading.Thread(target=sender)
+    sending.start()
+    writers = [threading.Thread(target=writer, args=(seed,)) for seed in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(WAIT)
+    stop.set()
+    sending.join(WAIT)
+    assert copied_passes[0] > 0
+    with open(image, "rb") as f:
+        for chunk in export.dirty.snapshot_and_clear():   # the final pass, writes frozen
+            copy[chunk * MiB:(chunk + 1) * MiB] = os.pread(f.fileno(), MiB, chunk * MiB)
+    assert bytes(copy) == image.read_bytes()
+
+
+def test_freeze_holds_new_requests_and_waits_for_those_in_flight(image, make_server):
+    export = GatedExport(image)
+    server = make_server(export)
+    client, _ = pair(server, "newstyle")
+    client.handshake()
+    other, _ = pair(server, "newstyle")
+    other.handshake()
+    # A write in flight keeps freeze() from completing.
+    release = export.hold(2 * MiB)
+    inflight = client.request(p.NBD_CMD_WRITE, 2 * MiB, payload=b"\x22" * 4096)
+    assert export.arrived[2 * MiB].wait(WAIT)
+    assert server.freeze(timeout=0) is False                  # frozen, but one request still runs
+    release.set()
+    assert client.reply().cookie == inflight
+    assert server.freeze(timeout=WAIT) is True                # nothing in flight now
+    assert export.dirty.test(2)
+    # While frozen, new requests are read but held: nothing changes, nothing is marked.
+    before = image.read_bytes()
+    marked = export.dirty.count()
+    held = other.request(p.NBD_CMD_WRITE, 9 * MiB, payload=b"\x33" * 4096)
+    assert server.gate.wait_held(1, WAIT)
+    assert image.read_bytes() == before and export.dirty.count() == marked and not export.dirty.test(9)
+    server.thaw()
+    assert other.reply().cookie == held
+    assert image.read_bytes()[9 * MiB:9 * MiB + 4096] == b"\x33" * 4096 and export.dirty.test(9)
+    client.disconnect()
+    other.disconnect()
+
+
+def test_shutdown_answers_what_is_in_flight_then_closes(image, make_server):
+    export = GatedExport(image)
+    server = make_server(export)
+    client, handle = pair(server, "newstyle")
+    client.handshake()
+    release = export.hold(MiB)
+    cookie = client.request(p.NBD_CMD_READ, MiB, 4096)
+    assert export.arrived[MiB].wait(WAIT)
+    server.shutdown()
+    release.set()
+    reply = client.reply()
+    assert reply.cookie == cookie and reply.error == 0
+    assert client.at_eof()
+    assert handle.join(WAIT) and handle.end_reason == "server shutting down"
+
+
+def test_shutdown_while_frozen_ends_held_requests(image, make_server):
+    export = Export(image)
+    server = make_server(export)
+    client, handle = pair(server, "newstyle")
+    client.handshake()
+    assert server.freeze(WAIT)
+    client.request(p.NBD_CMD_WRITE, 0, payload=b"\x44" * 512)
+    assert server.gate.wait_held(1, WAIT)
+    server.shutdown()
+    assert client.at_eof()
+    assert handle.join(WAIT)
+    assert image.read_bytes()[:512] != b"\x44" * 512
+    assert export.dirty.count() == 0
