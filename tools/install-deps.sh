@@ -9,14 +9,15 @@ debs=(
   busybox-static                           # the lab's initramfs
   lvm2 dmsetup thin-provisioning-tools     # LVM, device-mapper, era_invalidate/era_dump (used inside the lab)
   nbd-client nbdkit libnbd-bin             # kernel NBD client, NBD peers (nbdinfo, nbdcopy)
-  e2fsprogs fio udev                       # filesystems in the lab, benchmarks, udevd in the lab
+  e2fsprogs fio udev iproute2 time         # filesystems and udevd in the lab, benchmarks (GNU time for peak RSS)
 )
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# Always refresh the lists: the kernel lab asks apt which linux-image-amd64 is current.
+apt-get update -qq
 if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 python3 -m pip install -q --disable-pip-version-check "cffi>=1.15" "ioctl-opt>=1.2" "xxhash>=3" \
