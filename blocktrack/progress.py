@@ -71,7 +71,7 @@ class Progress:
                     f"{human_bytes(done_bytes)}/{human_bytes(total_bytes)} {rate / 1e6:7.1f} MB/s ETA {eta:4.0f}s")
         else:
             line = f"\r{self.operation} {human_bytes(done_bytes)} {rate / 1e6:7.1f} MB/s"
-        self.stream.write(line)
+        self.stream.write(line + "\x1b[K")  # clear what a longer previous line left behind
         self.stream.flush()
         self._drawn = True
 
