@@ -36,6 +36,7 @@ demo: pydeps build
 
 bench: build
 	$(PYTHON) bench/copy_bench.py
+	$(PYTHON) bench/converge_bench.py
 
 fuzz: build
 	$(PYTHON) -m tests.host.fuzz_receiver --cases 100000

@@ -12,10 +12,10 @@ import signal
 import sys
 
 from blocktrack import __version__
-from blocktrack.commands import receive, send, serve
+from blocktrack.commands import migrate, receive, release, send, serve
 from blocktrack.errors import BlocktrackError
 
-COMMANDS = (send, receive, serve)
+COMMANDS = (send, receive, serve, migrate, release)
 
 DESCRIPTION = """\
 blocktrack tracks the writes to live Linux block devices and moves them to another host
@@ -29,6 +29,8 @@ exit status:
   3  stream: malformed or incomplete migration stream (targets are incomplete)
   4  device: a read, write or size problem on a device
   5  peer: the other end went away or misbehaved
+  6  verification: the target does not match the frozen source (migrate, receive)
+  7  not converging: the writers outpace the link (migrate --on-no-converge stop)
   130 interrupted
 """
 

@@ -1,66 +1,95 @@
-"""`make demo`: a blocktrack copy you can watch, on image files, with no root, LVM or kernel modules.
+"""`make demo`: a live migration you can watch, on image files, with no root, LVM or kernel modules.
 
-It makes a 256 MiB source image (random data with zero regions), starts `blocktrack receive` on
-loopback TCP, sends the image with `blocktrack send --zero-blocks`, and checks that the target is
-byte-identical (sha256 of both). The live migration demo (a writer running during the copy, cutover
-and verification by the tool itself) replaces this once `blocktrack migrate` exists.
+It makes two 256 MiB image files, starts `blocktrack receive --listen` on loopback TCP, and runs
+`blocktrack migrate --backend nbd`: the migrating process serves the source image over NBD on a Unix
+socket, and a writer process (blocktrack's own NBD client) keeps writing random data through it
+while the image is copied. The link is rate-limited so the writer has time to matter. The tool
+converges, freezes the writer, sends the last dirty chunks, verifies the target by digest, and the
+demo checks once more with sha256 of both files before retiring the source with `blocktrack
+release --retire` (the writer's held write is then refused, never lost).
+
+Knobs (environment): DEMO_SIZE_MIB (256), DEMO_LINK_MIB (64, MiB/s), DEMO_WRITER_PERCENT (20).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-BT = [sys.executable, "-m", "blocktrack"]
-MiB = 1 << 20
+sys.path.insert(0, str(ROOT))
+
+from blocktrack.migrate.scenario import MiB, live_migration  # noqa: E402
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
+def make_source(path: Path, size: int) -> None:
+    rng = random.Random(2026)
+    with open(path, "wb") as f:
+        for chunk in range(size // MiB):
+            f.write(bytes(MiB) if chunk % 8 == 7 else rng.randbytes(MiB))
 
 
 def main() -> int:
     size = int(os.environ.get("DEMO_SIZE_MIB", "256")) * MiB
+    link = int(os.environ.get("DEMO_LINK_MIB", "64")) * MiB
+    percent = float(os.environ.get("DEMO_WRITER_PERCENT", "20"))
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="blocktrack-demo-") as tmp:
-        src, dst = Path(tmp) / "source.img", Path(tmp) / "target.img"
-        rng = random.Random(2026)
-        with open(src, "wb") as f:
-            for chunk in range(size // MiB):
-                f.write(bytes(MiB) if chunk % 4 == 3 else rng.randbytes(MiB))
-        with open(dst, "wb") as f:
+        work = Path(tmp)
+        source, target = work / "source.img", work / "target.img"
+        make_source(source, size)
+        with open(target, "wb") as f:
             f.truncate(size)
-        print(f"demo: source {src} ({size >> 20} MiB, every 4th MiB zero), empty target {dst}")
-        receiver = subprocess.Popen([*BT, "receive", "--listen", "127.0.0.1:0", "--device", f"demo={dst}",
-                                     "--expect-full", "--json"], stdout=subprocess.PIPE, env=ENV, text=True)
-        port = json.loads(receiver.stdout.readline())["port"]
-        print(f"demo: blocktrack receive listening on 127.0.0.1:{port}")
-        sender = subprocess.run([*BT, "send", "--device", f"demo={src}", "--to", f"127.0.0.1:{port}",
-                                 "--zero-blocks"], env=ENV)
-        received = [json.loads(line) for line in receiver.stdout]
-        receiver.wait()
-        if sender.returncode or receiver.returncode:
-            print(f"demo: FAILED (send exit {sender.returncode}, receive exit {receiver.returncode})")
+        print(f"demo: source {source} ({size >> 20} MiB of random data, every 8th MiB zero), empty target {target}")
+        print(f"demo: blocktrack migrate --backend nbd serves the source on {work / 'nbd.sock'}; a writer process "
+              f"writes random data through it at {percent:.0f} % of a {link >> 20} MiB/s link")
+
+        def show(event: dict) -> None:
+            kind = event.get("event")
+            if kind == "connected":
+                print(f"demo:   connected to the receiver (migration {event['migration_id']})")
+            elif kind == "phase" and event["phase"] in ("bulk", "dirty", "cutover", "verify"):
+                extra = ""
+                if event["phase"] == "cutover":
+                    extra = (f" ({event['pending_bytes'] / MiB:.1f} MiB pending at {event['link_mb_per_s']} MB/s: "
+                             "writes frozen)")
+                print(f"demo:   {event['phase']}{extra}")
+            elif kind == "pass":
+                print(f"demo:   pass {event['pass']}: {event['chunks']} dirty chunks sent in {event['seconds']:.2f} s, "
+                      f"{event['dirty_after']} dirtied meanwhile (writer {event['dirty_mb_per_s']} MB/s, "
+                      f"link {event['link_mb_per_s']} MB/s)")
+            elif kind in ("not_converging", "warning", "cutover_aborted"):
+                print(f"demo:   {kind}: {event.get('message', event)}")
+
+        result = live_migration(source, target, work, writer_rate=percent / 100 * link, rate_limit=link,
+                                on_event=show, retire=True, seed=2026)
+        summary = result.summary
+        if summary is None or result.migrate_code != 0:
+            print(f"demo: FAILED (migrate exit {result.migrate_code})\n{result.migrate_stderr}")
             return 1
-        summary = received[-1]
-        same = sha256(src) == sha256(dst)
-        print(f"demo: received {summary['chunks']} chunks ({summary['zero_chunks']} as zero blocks), "
-              f"{summary['stream_bytes'] / size:.2f} bytes on the wire per device byte, "
-              f"{summary['mb_per_s']} MB/s")
-        print(f"demo: sha256 source == target: {same}")
-        print("demo: result:", "VERIFIED" if same else "MISMATCH")
-        return 0 if same else 1
+        writer = result.writer_stats or {}
+        ratio = summary["sent_bytes"] / summary["size"]
+        print()
+        print("demo: summary")
+        print(f"  passes:     bulk + {summary['passes']} dirty + final ({summary['final_chunks']} chunks)")
+        print(f"  sent:       {summary['sent_bytes'] / MiB:.0f} MiB = {ratio:.2f} x the {size >> 20} MiB device "
+              f"({summary['zero_chunks']} chunks as zero blocks)")
+        print(f"  downtime:   {summary['downtime_ms']:.0f} ms (writes frozen → target verified; budget "
+              f"{summary['max_downtime_ms']} ms)")
+        refused = any(e.get("event") == "write_refused" for e in result.writer_events)
+        print(f"  writer:     {writer.get('writes', 0)} writes during the migration"
+              + ("; its write after the cutover was held, then refused by `blocktrack release --retire`"
+                 if refused else "; it had no write waiting at the cutover"))
+        print(f"  verified:   by blocktrack ({summary['chunks_verified']} final-pass chunks, XXH3-128 digests): "
+              f"{summary['result']}; by this demo (sha256 of source and target): "
+              f"{'identical' if result.identical else 'DIFFERENT'}")
+        ok = summary["result"] == "verified" and result.identical
+        print(f"demo: result: {'VERIFIED' if ok else 'MISMATCH'} in {time.monotonic() - started:.1f} s")
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":

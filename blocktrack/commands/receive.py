@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import json
+
 from blocktrack import transport
 from blocktrack.commands.common import add_json_flag, device_spec, make_progress, print_summary
+from blocktrack.errors import UsageError
+from blocktrack.migrate.live_receiver import serve_migration
 from blocktrack.migrate.receiver import receive_stream
+from blocktrack.migrate.savedstate import state_root
+from blocktrack.wire.control import HELLO_MAGIC
 
 DESCRIPTION = """\
 Read a QEMU block-migration stream (from `blocktrack send`, or a QEMU 7.2 migration with
@@ -19,7 +25,14 @@ The receiver only writes to targets named with --device, only inside their curre
 and only whole, validated records. Targets must exist (a block device, or an image file
 already of the right size: `truncate -s SIZE FILE`). Exit status 0 means the stream
 reached its end and every write is on stable storage; anything else leaves the targets
-incomplete and says where the stream went wrong."""
+incomplete and says where the stream went wrong.
+
+A connection from `blocktrack migrate` (a live migration: it starts with blocktrack's own
+handshake) is refused before any data moves when the target is smaller than the source,
+is acknowledged as it arrives so the sender can resume after a cut, and ends with digests of
+what was written, checked by the sender against its frozen source: exit status 0 then means
+"verified". What this end has of an unfinished migration is kept in the state folder, so a
+restarted receiver accepts the resumed migration (and no other) on the same target."""
 
 EPILOG = """\
 examples:
@@ -44,8 +57,39 @@ def register(subparsers) -> None:
                         help="fail unless every chunk of every target was written (a full copy)")
     parser.add_argument("--depth", type=int, default=8, metavar="N",
                         help="writes kept in flight per target (default 8)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="live migrations: blocktrack's state directory; what each target holds is kept in "
+                             "its migrations/ folder (default $BLOCKTRACK_STATE_DIR, else /var/lib/blocktrack)")
     add_json_flag(parser)
     parser.set_defaults(run=run)
+
+
+class _Prefixed:
+    """A source whose first bytes were already read (to tell a migration from a plain stream)."""
+
+    def __init__(self, head: bytes, inner):
+        self.head = memoryview(head)
+        self.inner = inner
+
+    def readinto(self, buf) -> int:
+        if self.head.nbytes:
+            n = min(len(buf), self.head.nbytes)
+            memoryview(buf).cast("B")[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        return self.inner.readinto(buf)
+
+
+def _read_head(source, n: int) -> bytes:
+    head = bytearray(n)
+    view = memoryview(head)
+    got = 0
+    while got < n:
+        k = source.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return bytes(head[:got])
 
 
 def run(args) -> int:
@@ -59,10 +103,33 @@ def run(args) -> int:
     else:
         source = transport.open_source(args.input)
     try:
-        summary = receive_stream(source, args.device, progress=progress, depth=args.depth,
-                                 expect_full=args.expect_full)
+        head = _read_head(source, len(HELLO_MAGIC))
+        if head == HELLO_MAGIC:
+            if not args.listen:
+                raise UsageError("this is a live-migration connection from `blocktrack migrate`: it needs "
+                                 "--listen (the receiver answers the sender)")
+            summary = serve_migration(source.sock, head, args.device, state_root=state_root(args.state_dir),
+                                      progress=progress, depth=args.depth)
+        else:
+            summary = receive_stream(_Prefixed(head, source), args.device, progress=progress, depth=args.depth,
+                                     expect_full=args.expect_full)
     finally:
         progress.close()
         source.close()
-    print_summary(args, "receive", summary.as_dict(), False)
+    if head == HELLO_MAGIC:
+        _print_migration(args, summary)
+    else:
+        print_summary(args, "receive", summary.as_dict(), False)
     return 0
+
+
+def _print_migration(args, summary: dict) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps({"event": "summary", "operation": "receive", **summary}, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(f"receive: VERIFIED: migration {summary['migration_id']} of {summary['device']!r} onto "
+                         f"{summary['target']}, attempt {summary['attempt']}: {summary['chunks']} chunks written "
+                         f"({summary['zero_chunks']} zero), {summary['chunks_held']}/{summary['target_chunks']} "
+                         f"chunks held, {summary['chunks_verified']} verified by digest ({summary['verify']}), "
+                         f"{summary['seconds']:.2f} s\n")
+    sys.stdout.flush()

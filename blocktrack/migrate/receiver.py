@@ -12,6 +12,9 @@ first, in this order, so a bad stream stops *before* the write it would have cau
 
 Writes go through ChunkWriter (O_DIRECT, several in flight). Success — exit 0 — only after the stream
 reached its proper end and every write was flushed and synced.
+
+Checks 3 and 4 and the write itself are ``apply_block``, which the live-migration receiver
+(live_receiver.py) uses for every record too.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
     unique_names(specs)
     if not specs:
         raise UsageError("name at least one target with --device NAME=PATH")
-    sectors_per_chunk = chunk_size // SECTOR_SIZE
     summary = TransferSummary()
     started = time.monotonic()
     with ExitStack() as cleanup:
@@ -70,26 +72,7 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
                 raise StreamError(
                     f"device {record.device!r} is not mapped on the command line "
                     f"(mapped: {', '.join(sorted(targets))})", record.offset, record.device)
-            if record.sector % sectors_per_chunk:
-                raise StreamError(f"sector {record.sector} is not on a {chunk_size}-byte chunk boundary",
-                                  record.offset, record.device)
-            offset = record.sector * SECTOR_SIZE
-            if offset >= target.size:
-                raise StreamError(f"sector {record.sector} is beyond the end of target {target.spec.path} "
-                                  f"({target.size} bytes)", record.offset, record.device)
-            length = min(chunk_size, target.size - offset)
-            if record.zero:
-                target.writer.write_zeroes(offset, length)
-                target.zero_chunks += 1
-            else:
-                token, buf = target.writer.buffer()
-                reader.read_payload(buf)
-                if length < chunk_size and not is_zero(buf[length:]):
-                    raise StreamError(
-                        f"chunk at sector {record.sector} carries data past the end of target "
-                        f"{target.spec.path} ({target.size} bytes): the source is larger than the target",
-                        record.offset, record.device)
-                target.writer.submit(token, offset, length)
+            offset, length = apply_block(reader, record, target, chunk_size)
             target.chunks += 1
             target.written.mark(offset // chunk_size)
             done_bytes += length
@@ -115,6 +98,37 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
                               f"{target.spec.name!r}: the target is incomplete", device=target.spec.name)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
+                limit: int | None = None) -> tuple[int, int]:
+    """Check one block record against its target and write it (checks 3 and 4 of the docstring).
+
+    ``limit`` is the end of the writable range (the target's size unless a migration handshake
+    announced a smaller device). Returns the (offset, length) written.
+    """
+    limit = target.size if limit is None else min(limit, target.size)
+    if record.sector % (chunk_size // SECTOR_SIZE):
+        raise StreamError(f"sector {record.sector} is not on a {chunk_size}-byte chunk boundary",
+                          record.offset, record.device)
+    offset = record.sector * SECTOR_SIZE
+    if offset >= limit:
+        raise StreamError(f"sector {record.sector} is beyond the end of target {target.spec.path} "
+                          f"({limit} bytes)", record.offset, record.device)
+    length = min(chunk_size, limit - offset)
+    if record.zero:
+        target.writer.write_zeroes(offset, length)
+        target.zero_chunks += 1
+    else:
+        token, buf = target.writer.buffer()
+        reader.read_payload(buf)
+        if length < chunk_size and not is_zero(buf[length:]):
+            raise StreamError(
+                f"chunk at sector {record.sector} carries data past the end of target "
+                f"{target.spec.path} ({limit} bytes): the source is larger than the target",
+                record.offset, record.device)
+        target.writer.submit(token, offset, length)
+    return offset, length
 
 
 def _close_quietly(writer) -> None:

@@ -1,0 +1,274 @@
+"""The sender's end of a migration connection: handshake, framed stream, acknowledgements, verdict.
+
+``ReceiverLink`` connects, sends HELLO and waits for ACCEPT or REFUSE before anything else (so a
+target that is too small is refused before any data moves). Then it is a sink for the StreamWriter
+(``write`` wraps each buffer in a DATA frame, the payload never copied) while a thread reads the
+receiver's messages: ACKs (how far the receiver has parsed, and how far its writes are durable),
+then RESULT with the digests, or ERROR. Any failure of the peer — an ERROR, a reset, an early end —
+is kept and raised as PeerError from the next call of the main thread, so the engine stops at once
+and never reports success on a broken link (ARCHITECTURE.md, invariant 3).
+
+Byte counts: ``sent`` is stream bytes handed to the socket, ``received`` and ``durable`` what the
+receiver acknowledged (parsed; flushed and synced). The engine counts what is not yet durable in
+its pending estimate; the link rate is measured on ``received``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from blocktrack.errors import PeerError, StreamError
+from blocktrack.transport import parse_host_port
+from blocktrack.wire import control as C
+
+_SOCKET_BUFFER = 4 << 20
+
+
+class Refused(PeerError):
+    """The receiver refused the migration in its handshake (nothing was sent)."""
+
+    def __init__(self, reason: int, message: str):
+        self.reason = reason
+        super().__init__(f"the receiver refused the migration ({C.REFUSE_NAMES.get(reason, reason)}): {message}")
+
+
+class ReceiverLink:
+    def __init__(self, address: str, hello: C.Hello, *, timeout: float = 30.0):
+        self.address = address
+        self.hello = hello
+        self.nchunks = hello.nchunks
+        self.sent = 0
+        self.received = 0
+        self.durable = 0
+        self.result: C.Result | None = None
+        self.error: BaseException | None = None
+        self._closing = False
+        self._cond = threading.Condition()
+        host, port = parse_host_port(address)
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise PeerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+        try:
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+                except OSError:
+                    pass
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._send(C.encode_hello(hello))
+            kind, body = self._read_message(C.ACCEPT_HEAD.size + C.bitmap_bytes(self.nchunks))
+            if kind == C.REFUSE:
+                raise Refused(*C.decode_refuse(body))
+            if kind == C.ERROR:
+                raise PeerError(f"the receiver failed: {C.decode_text(body)}")
+            if kind != C.ACCEPT:
+                raise PeerError(f"the receiver answered the handshake with {C.REPLY_NAMES[kind]}")
+            try:
+                self.accept = C.decode_accept(body, self.nchunks)
+            except StreamError as exc:
+                raise PeerError(f"bad handshake answer from {address}: {exc}") from None
+            if self.accept.target_size < hello.size:
+                raise PeerError(f"the receiver accepted a target of {self.accept.target_size} bytes for a "
+                                f"{hello.size}-byte device")
+            self.sock.settimeout(None)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._reader = threading.Thread(target=self._read_replies, name="migrate-acks", daemon=True)
+        self._reader.start()
+
+    # -- the stream (a sink for StreamWriter) -----------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return f"tcp:{self.address}"
+
+    def write(self, buf) -> None:
+        self.check()
+        view = memoryview(buf).cast("B")
+        while view.nbytes:
+            piece = view[:C.MAX_DATA_FRAME]
+            self._send(C.frame_header(C.FRAME_DATA, piece.nbytes), piece)
+            self.sent += piece.nbytes
+            view = view[piece.nbytes:]
+
+    def end(self) -> None:
+        """The stream is complete (END frame)."""
+        self.check()
+        self._send(C.frame_header(C.FRAME_END, 0))
+
+    def wait_result(self, timeout: float | None = None) -> C.Result:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.result is not None or self.error is not None, timeout):
+                raise PeerError(f"no verification result from {self.address} after {timeout} s")
+            if self.result is not None:
+                return self.result
+        raise self.error
+
+    def wait_durable(self, target: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.durable >= target or self.error is not None, timeout)
+
+    def verdict(self, result: int, message: str) -> None:
+        """Tell the receiver what the comparison found (best effort: the sender's result stands)."""
+        try:
+            self._send(C.encode_verdict(result, message))
+        except PeerError:
+            pass
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._reader.join(5)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _send(self, *buffers) -> None:
+        try:
+            views = [memoryview(b).cast("B") for b in buffers]
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= views[0].nbytes:
+                    sent -= views[0].nbytes
+                    views.pop(0)
+                if views and sent:
+                    views[0] = views[0][sent:]
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+            self._fail_from_send(exc)
+        except OSError as exc:
+            self._fail_from_send(exc)
+
+    def _fail_from_send(self, exc: OSError):
+        # The reader thread may know why (an ERROR message came first): prefer its story.
+        self._reader_settle()
+        if self.error is not None:
+            raise self.error
+        raise PeerError(f"{self.name}: connection lost while sending ({exc.strerror or exc}); "
+                        "the receiver went away") from None
+
+    def _reader_settle(self) -> None:
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(2)
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise EOFError(got)
+            got += k
+        return bytes(buf)
+
+    def _read_message(self, max_length: int) -> tuple[int, bytes]:
+        try:
+            head = self._recv_exact(C.REPLY.size)
+            kind, length = C.decode_reply_header(head, max_length)
+            body = self._recv_exact(length) if length else b""
+        except EOFError:
+            raise PeerError(f"{self.address} closed the connection") from None
+        except socket.timeout:
+            raise PeerError(f"{self.address} did not answer the migration handshake") from None
+        except (ConnectionResetError, ConnectionAbortedError):
+            raise PeerError(f"the receiver at {self.address} reset the connection before the migration "
+                            "completed") from None
+        except StreamError as exc:
+            raise PeerError(f"{self.address}: {exc}") from None
+        return kind, body
+
+    def _read_replies(self) -> None:
+        limit = C.result_max_length(self.nchunks)
+        while True:
+            try:
+                kind, body = self._read_message(limit)
+                if kind == C.ACK:
+                    received, durable = C.decode_ack(body)
+                    with self._cond:
+                        self.received, self.durable = max(self.received, received), max(self.durable, durable)
+                        self._cond.notify_all()
+                    continue
+                if kind == C.RESULT:
+                    result = C.decode_result(body)
+                    with self._cond:
+                        self.result = result
+                        self._cond.notify_all()
+                    continue
+                if kind == C.ERROR:
+                    raise PeerError(f"the receiver failed: {C.decode_text(body)}")
+                raise PeerError(f"unexpected {C.REPLY_NAMES[kind]} message from the receiver")
+            except (PeerError, StreamError, OSError) as exc:
+                with self._cond:
+                    if self.result is None and not self._closing and self.error is None:
+                        if isinstance(exc, PeerError) and not str(exc).endswith("closed the connection"):
+                            self.error = exc
+                        elif isinstance(exc, (PeerError, OSError)):
+                            self.error = PeerError(f"the receiver at {self.address} closed the connection "
+                                                   "before the migration completed")
+                        else:
+                            self.error = PeerError(f"{self.address}: {exc}")
+                    self._cond.notify_all()
+                return
+
+
+class MeteredSink:
+    """The link rate as the receiver sees it: stream bytes it acknowledged per busy second.
+
+    Busy time only runs while the engine is sending (``busy(True)``), so an idle link between passes
+    does not dilute the estimate. The window slides over the last ``window`` busy seconds; until
+    ``min_bytes`` have been acknowledged there is no estimate (None).
+    """
+
+    def __init__(self, link: ReceiverLink, *, window: float = 2.0, min_bytes: int = 2 << 20):
+        self.link = link
+        self.window = window
+        self.min_bytes = min_bytes
+        self._busy_total = 0.0
+        self._busy_since: float | None = None
+        self._samples: list[tuple[float, int]] = [(0.0, link.received)]
+        self._last_sample = 0.0
+
+    def busy(self, on: bool) -> None:
+        now = time.monotonic()
+        if on and self._busy_since is None:
+            self._busy_since = now
+        elif not on and self._busy_since is not None:
+            self._busy_total += now - self._busy_since
+            self._busy_since = None
+            self.sample(force=True)
+
+    def _busy_now(self) -> float:
+        extra = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+        return self._busy_total + extra
+
+    def sample(self, force: bool = False) -> None:
+        t = self._busy_now()
+        if not force and t - self._last_sample < 0.05:
+            return
+        self._last_sample = t
+        self._samples.append((t, self.link.received))
+        while len(self._samples) > 2 and self._samples[1][0] < t - self.window:
+            self._samples.pop(0)
+
+    def rate(self) -> float | None:
+        self.sample(force=True)
+        t0, b0 = self._samples[0]
+        t1, b1 = self._samples[-1]
+        if b1 - b0 >= self.min_bytes and t1 > t0:
+            return (b1 - b0) / (t1 - t0)
+        first_t, first_b = 0.0, 0
+        if self.link.received >= self.min_bytes and t1 > first_t:
+            return (self.link.received - first_b) / t1
+        return None

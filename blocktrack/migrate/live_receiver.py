@@ -1,0 +1,338 @@
+"""The receiving end of a live migration: handshake, the stream in frames, acknowledgements, digests.
+
+``blocktrack receive --listen`` hands a connection here when its first 8 bytes are the migration
+handshake (wire/control.py); a plain QEMU or bare stream still goes to receiver.receive_stream.
+The wall (receiver.py, invariant 4) stands as before — every block record passes the same checks in
+``apply_block`` before anything is written — and the handshake adds its own, all before any data:
+
+1. the protocol version and flags are ones we speak (else REFUSE "version");
+2. the device name is mapped with ``--device NAME=PATH`` (else REFUSE "device");
+3. the target is at least as large as the device (else REFUSE "size"): a smaller target would lose
+   the device's tail, so nothing is written at all;
+4. a resume (flag RESUME) names the migration id this target already belongs to (else REFUSE
+   "migration id"): a target half-written by migration A is never continued by migration B.
+
+Then, only inside the device's size: records are written as they arrive (O_DIRECT, several in
+flight). ACKs go back as the stream is parsed (``received``) and, after a flush and sync, as it is
+durable (``durable``, every DURABLE_EVERY bytes written to the target and at each end of part) — the sender saves its
+resume point from those. The chunks of this migration that are on stable storage are kept in
+``held.map`` (savedstate.py), so a receiver restarted after a dropped connection can accept the
+resume and tell the sender what it already has.
+
+At the END frame: flush and sync; the target must hold every chunk of the device (the sender's
+early finish, QEMU 7.2's bug, is caught here too); the chunks written in the final part (or all
+of them for VERIFY_FULL) are read back from the target and their digests sent as RESULT. The
+sender compares them with its frozen source and sends a VERDICT: exit 0 only for "verified".
+
+A connection that ends early leaves the target with whole records only, flushed; the held map says
+which chunks are there, and the error says to resume.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from blocktrack.dirtymap import DirtyMap
+from blocktrack.errors import BlocktrackError, DeviceError, PeerError, StreamError, StreamTruncated, UsageError
+from blocktrack.kernel.blockdev import device_size
+from blocktrack.migrate.failures import VerifyError
+from blocktrack.migrate.receiver import _Target, apply_block
+from blocktrack.migrate.savedstate import TargetState, make_folder, target_folder
+from blocktrack.migrate.sender import DeviceSpec
+from blocktrack.migrate.verify import digest_chunks
+from blocktrack.wire import CHUNK_SIZE, StreamReader
+from blocktrack.wire import control as C
+
+DURABLE_EVERY = 8 << 20
+HANDSHAKE_TIMEOUT = 60.0
+_RESUME_HINT = "the target holds whole chunks only; run `blocktrack migrate ... --resume` against a receiver " \
+               "with the same --device to continue"
+
+
+class _Connection:
+    """Exact reads and writes on the socket, counting connection bytes (for error offsets)."""
+
+    def __init__(self, sock: socket.socket, consumed: int):
+        self.sock = sock
+        self.offset = consumed
+
+    def recv_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except (ConnectionResetError, ConnectionAbortedError):
+                raise PeerError("the sender reset the connection " + what) from None
+            except socket.timeout:
+                raise PeerError(f"the sender sent nothing for {HANDSHAKE_TIMEOUT:.0f} s {what}") from None
+            if k == 0:
+                raise StreamTruncated(f"the connection ended {what} ({got} of {n} bytes)", self.offset)
+            got += k
+            self.offset += k
+        return bytes(buf)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            raise PeerError("the sender went away (connection lost while answering it)") from None
+
+
+class FramedSource:
+    """The migration stream inside DATA frames, for StreamReader: readinto() returns 0 at END."""
+
+    def __init__(self, conn: _Connection):
+        self.conn = conn
+        self.remaining = 0
+        self.ended = False
+        self.eof = False
+
+    def readinto(self, buf) -> int:
+        if self.ended or self.eof:
+            return 0
+        while self.remaining == 0:
+            start = self.conn.offset
+            try:
+                head = self.conn.recv_exact(C.FRAME.size, "between two frames")
+            except StreamTruncated:
+                self.eof = True  # the reader reports where the stream stopped
+                return 0
+            kind, length = C.decode_frame_header(head, start)
+            if kind == C.FRAME_END:
+                self.ended = True
+                return 0
+            if kind != C.FRAME_DATA:
+                raise StreamError("verdict frame before the end of the migration stream", start)
+            self.remaining = length
+        view = memoryview(buf).cast("B")[:self.remaining]
+        try:
+            got = self.conn.sock.recv_into(view)
+        except (ConnectionResetError, ConnectionAbortedError):
+            raise PeerError("the sender reset the connection in the middle of the stream") from None
+        if got == 0:
+            self.eof = True
+            return 0
+        self.conn.offset += got
+        self.remaining -= got
+        return got
+
+    def read_verdict(self) -> tuple[int, str]:
+        start = self.conn.offset
+        head = self.conn.recv_exact(C.FRAME.size, "before the sender's verdict")
+        kind, length = C.decode_frame_header(head, start)
+        if kind != C.FRAME_VERDICT:
+            raise StreamError(f"expected the sender's verdict, got frame type {kind}", start)
+        return C.decode_verdict(self.conn.recv_exact(length, "inside the sender's verdict"))
+
+
+def serve_migration(sock: socket.socket, head: bytes, specs: list[DeviceSpec], *, state_root: Path,
+                    progress=None, depth: int = 8) -> dict:
+    """Run one migration connection whose first bytes ``head`` (the 8-byte magic) were read."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    conn = _Connection(sock, len(head))
+    hello, name_len = C.decode_hello_head(head + conn.recv_exact(C.HELLO.size - len(head), "inside the handshake"))
+    hello = C.decode_hello_name(hello, conn.recv_exact(name_len, "inside the handshake's device name"))
+
+    def refuse(reason: int, message: str, error: type[BlocktrackError] = UsageError):
+        """Answer REFUSE (nothing has been written), then fail with ``error``'s exit code."""
+        try:
+            conn.send(C.encode_refuse(reason, message))
+        except PeerError:
+            pass
+        text = f"refused migration {hello.migration_id.hex()} of {hello.device!r}: {message}"
+        raise error(text)
+
+    if hello.version != C.VERSION or hello.flags & ~C.KNOWN_HELLO_FLAGS:
+        refuse(C.REFUSE_VERSION, f"protocol version {hello.version} with flags {hello.flags:#x}; this receiver "
+                                 f"speaks version {C.VERSION}", StreamError)
+    if hello.chunk_size != CHUNK_SIZE:
+        refuse(C.REFUSE_VERSION, f"chunk size {hello.chunk_size}; this receiver uses {CHUNK_SIZE}", StreamError)
+    spec = next((s for s in specs if s.name == hello.device), None)
+    if spec is None:
+        refuse(C.REFUSE_DEVICE, f"device {hello.device!r} is not mapped on the receiver's command line "
+                                f"(mapped: {', '.join(sorted(s.name for s in specs))})")
+    try:
+        target_size = device_size(spec.path)
+    except BlocktrackError as exc:
+        refuse(C.REFUSE_TARGET, str(exc), UsageError if isinstance(exc, UsageError) else DeviceError)
+    if target_size < hello.size:
+        refuse(C.REFUSE_SIZE, f"target {spec.path} has {target_size} bytes, smaller than the {hello.size}-byte "
+                              f"device {hello.device!r}: nothing was written", DeviceError)
+
+    folder = make_folder(target_folder(state_root, spec.path))
+    mid = hello.migration_id.hex()
+    saved = TargetState.load(folder)
+    held = DirtyMap(hello.nchunks, hello.chunk_size)
+    if hello.resume:
+        if saved is None or saved.migration_id != mid or saved.device != hello.device or saved.size != hello.size:
+            what = "no migration" if saved is None else f"migration {saved.migration_id} of {saved.device!r}"
+            refuse(C.REFUSE_MIGRATION, f"cannot resume migration {mid}: target {spec.path} belongs to {what}")
+        if saved.status == "verified":
+            refuse(C.REFUSE_MIGRATION, f"migration {mid} already completed and was verified on {spec.path}")
+        try:
+            held = DirtyMap.load(TargetState.held_path(folder))
+        except (BlocktrackError, OSError):
+            held = DirtyMap(hello.nchunks, hello.chunk_size)  # nothing known: everything will be resent
+        if held.nchunks != hello.nchunks:
+            held = DirtyMap(hello.nchunks, hello.chunk_size)
+        state = saved
+        state.attempt = hello.attempt
+    else:
+        state = TargetState(mid, hello.device, spec.path, hello.size, hello.chunk_size, attempt=hello.attempt)
+    state.status = "receiving"
+    held.save(TargetState.held_path(folder))
+    state.save(folder)
+
+    try:
+        target = _Target(spec, depth, hello.chunk_size)
+    except BlocktrackError as exc:
+        refuse(C.REFUSE_TARGET, str(exc), UsageError if isinstance(exc, UsageError) else DeviceError)
+    try:
+        conn.send(C.encode_accept(target_size, hello.nchunks, held.ranges()))
+        sock.settimeout(None)
+        if progress is not None:
+            progress.event("migration", migration_id=mid, device=hello.device, target=spec.path, size=hello.size,
+                           resume=hello.resume, attempt=hello.attempt, held_chunks=held.count())
+        return _receive(conn, hello, target, held, state, folder, progress)
+    finally:
+        try:
+            target.writer.close()
+        except BlocktrackError:
+            pass
+
+
+
+def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap, state: TargetState,
+             folder: Path, progress) -> dict:
+    started = time.monotonic()
+    source = FramedSource(conn)
+    reader = StreamReader(source, chunk_size=hello.chunk_size)
+    chunk = hello.chunk_size
+    written_here = 0
+    done_bytes = 0
+    part: set[int] = set()
+    last_part: set[int] = set()
+    durable_at = 0
+    acked_at = 0
+    unflushed = 0  # device bytes written since the last flush (zero chunks count in full)
+
+    def make_durable() -> None:
+        nonlocal durable_at, unflushed
+        target.writer.flush()
+        held.save(TargetState.held_path(folder))
+        durable_at = reader.offset
+        unflushed = 0
+        conn.send(C.encode_ack(reader.offset, durable_at))
+
+    try:
+        while True:
+            record = reader.next_record()
+            if record is None:
+                break
+            if record.kind == "eos":
+                last_part, part = part, set()
+                make_durable()
+                continue
+            if record.kind != "block":
+                continue
+            if record.device != hello.device:
+                raise StreamError(f"block record for device {record.device!r} in the migration of {hello.device!r}",
+                                  record.offset, record.device)
+            offset, length = apply_block(reader, record, target, chunk, limit=hello.size)
+            index = offset // chunk
+            held.mark(index)
+            part.add(index)
+            written_here += 1
+            target.chunks += 1
+            done_bytes += length
+            unflushed += length
+            if unflushed >= DURABLE_EVERY:
+                make_durable()
+            elif reader.offset - acked_at >= chunk:
+                acked_at = reader.offset
+                conn.send(C.encode_ack(reader.offset, durable_at))
+            if progress is not None:
+                progress.update(done_bytes, None, device=hello.device)
+        if not source.ended:
+            raise StreamTruncated("the connection ended after a complete stream but without its END frame",
+                                  conn.offset, hello.device)
+        make_durable()
+    except BaseException as exc:
+        _interrupted(target, held, state, folder, conn, exc)
+        raise
+
+    if held.count() != hello.nchunks:
+        missing = hello.nchunks - held.count()
+        message = (f"the stream ended without {missing} of {hello.nchunks} chunks of {hello.device!r}: "
+                   "the target is incomplete (an early finish)")
+        state.status = "interrupted"
+        state.save(folder)
+        _send_error(conn, message)
+        raise StreamError(message, device=hello.device)
+
+    scope = C.SCOPE_FULL if hello.verify_full else C.SCOPE_FINAL_PART
+    indexes = range(hello.nchunks) if hello.verify_full else sorted(last_part)
+    digests = digest_chunks(target.spec.path, indexes, chunk_size=chunk, size=hello.size)
+    state.status = "complete"
+    state.save(folder)
+    conn.send(C.encode_result(scope, written_here, held.count(), hello.nchunks, digests))
+    try:
+        verdict, message = source.read_verdict()
+    except (StreamError, PeerError) as exc:
+        raise VerifyError(f"the sender went away before its verdict ({exc}); the target of {hello.device!r} "
+                          "is complete but unverified") from None
+    state.status = "verified" if verdict == C.VERDICT_VERIFIED else "mismatch"
+    state.save(folder)
+    if verdict != C.VERDICT_VERIFIED:
+        raise VerifyError(f"the sender found that target {target.spec.path} does not match the source: {message}")
+    return {
+        "result": "verified",
+        "migration_id": hello.migration_id.hex(),
+        "device": hello.device,
+        "target": target.spec.path,
+        "size": hello.size,
+        "attempt": hello.attempt,
+        "chunks": written_here,
+        "zero_chunks": target.zero_chunks,
+        "chunks_held": held.count(),
+        "target_chunks": hello.nchunks,
+        "chunks_verified": len(digests),
+        "verify": C.SCOPE_NAMES[scope],
+        "stream_bytes": reader.offset,
+        "device_bytes": done_bytes,
+        "seconds": round(time.monotonic() - started, 3),
+        "direct_io": target.writer.direct,
+        "message": message,
+    }
+
+
+def _send_error(conn: _Connection, message: str) -> None:
+    try:
+        conn.send(C.encode_error(message))
+    except PeerError:
+        pass
+
+
+def _interrupted(target: _Target, held: DirtyMap, state: TargetState, folder: Path, conn: _Connection,
+                 exc: BaseException) -> None:
+    """Keep what is durable after a failure: flush whole records, save the held map, say why."""
+    if not isinstance(exc, (PeerError, StreamTruncated)):
+        _send_error(conn, str(exc))
+    try:
+        target.writer.flush()
+        held.save(TargetState.held_path(folder))  # else the map saved at the last durable point stands
+    except BlocktrackError:
+        pass
+    state.status = "interrupted"
+    try:
+        state.save(folder)
+    except OSError:
+        pass
+    if isinstance(exc, (StreamError, PeerError)):
+        # Same exception (class, exit code, offset), with the way out added to its message.
+        exc.args = (f"{exc}; {_RESUME_HINT}",)

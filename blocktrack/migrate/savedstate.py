@@ -1,0 +1,225 @@
+"""What a migration keeps on disk, on both ends, so it can be resumed and released.
+
+State folder: ``migrations/`` inside blocktrack's state directory — ``--state-dir``, else
+``$BLOCKTRACK_STATE_DIR``, else /var/lib/blocktrack (the same root blocktrack/state.py uses for
+enrolled devices), so /var/lib/blocktrack/migrations by default. Inside it, one folder per device
+or target, named after the path (basename, then a hash of the real path so two devices called
+``data`` never meet)::
+
+    source/<key>/migration.json   the sender's progress (SourceState), replaced atomically
+    source/<key>/dirty-<N>.map    the chunks still owed at checkpoint N (DirtyMap.save format)
+    source/<key>/journal          the NBD backend's intent journal (nbd_source.IntentJournal)
+    source/<key>/control.sock     while `blocktrack migrate` runs: its control socket (release)
+    target/<key>/target.json      the receiver's view of the migration that writes this target
+    target/<key>/held.map         the chunks of that migration on the target's stable storage
+
+What "owed" means (the resume invariant). At checkpoint N the sender records the durable bulk
+cursor (every chunk below it is on the target's stable storage, as the receiver acknowledged) and a
+map of every other chunk whose latest contents may not be there: dirty chunks, chunks taken for the
+current pass and not yet sent, and chunks sent but not yet acknowledged as durable. Together with
+the tracker's record of writes after the checkpoint (``checkpoint`` below, e.g. the NBD journal's
+generation), that is everything a resumed run must send. JSON files and maps are written to a
+temporary name, synced and renamed, and the map of checkpoint N is only removed once the JSON that
+names checkpoint N + 1 is in place: a sender killed at any instant leaves a consistent pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from blocktrack.dirtymap import DirtyMap
+from blocktrack.errors import UsageError
+
+DEFAULT_STATE_DIR = "/var/lib/blocktrack"
+STATE_VERSION = 1
+
+
+def state_root(explicit: str | None = None) -> Path:
+    """The migrations folder: ``<state dir>/migrations``."""
+    return Path(explicit or os.environ.get("BLOCKTRACK_STATE_DIR") or DEFAULT_STATE_DIR) / "migrations"
+
+
+def path_key(path: str) -> str:
+    """A short, filesystem-safe folder name for a device path (stable across runs)."""
+    real = os.path.realpath(path)
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(real))[:32] or "device"
+    return f"{base}-{hashlib.sha256(real.encode()).hexdigest()[:10]}"
+
+
+def source_folder(root: Path, device: str) -> Path:
+    return root / "source" / path_key(device)
+
+
+def target_folder(root: Path, target: str) -> Path:
+    return root / "target" / path_key(target)
+
+
+def make_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise UsageError(f"cannot create the state folder {folder}: {exc.strerror} "
+                         "(choose another with --state-dir or BLOCKTRACK_STATE_DIR)") from None
+    return folder
+
+
+def write_json_atomically(path: Path, obj: dict) -> None:
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the migration state {path}: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("version") != STATE_VERSION:
+        raise UsageError(f"{path} is not a migration state this blocktrack understands")
+    return obj
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+# Phases a saved source state can be in. "frozen": cut over and verified, writes held until
+# `blocktrack release`; the others are final or resumable.
+RESUMABLE = ("setup", "bulk", "dirty", "cutover", "final", "verify", "interrupted", "failed")
+
+
+@dataclass
+class SourceState:
+    migration_id: str               # 32 hex digits
+    device: str                     # the path given to `migrate`
+    name: str                       # the device name on the wire
+    size: int
+    chunk_size: int
+    backend: str
+    to: str
+    phase: str = "setup"
+    attempt: int = 1
+    bulk_cursor: int = 0            # chunks below it are durable on the target
+    checkpoint: dict = field(default_factory=dict)   # the tracker's token (e.g. journal generation)
+    checkpoint_seq: int = 0         # N of dirty-<N>.map
+    unacked: list = field(default_factory=list)      # [first, last] runs sent but not yet durable
+    pid: int = 0
+    control_socket: str = ""
+    serve_socket: str = ""
+    started: float = 0.0
+    updated: float = 0.0
+    bytes_sent: int = 0             # device bytes sent over all attempts
+    result: dict = field(default_factory=dict)
+    version: int = STATE_VERSION
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def path_in(folder: Path) -> Path:
+        return folder / "migration.json"
+
+    @classmethod
+    def load(cls, folder: Path) -> "SourceState | None":
+        obj = read_json(cls.path_in(folder))
+        if obj is None:
+            return None
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in obj.items() if k in known})
+        except TypeError as exc:
+            raise UsageError(f"{cls.path_in(folder)}: {exc}") from None
+
+    def save(self, folder: Path) -> None:
+        self.updated = time.time()
+        write_json_atomically(self.path_in(folder), asdict(self))
+
+    def dirty_path(self, folder: Path, seq: int | None = None) -> Path:
+        return folder / f"dirty-{self.checkpoint_seq if seq is None else seq}.map"
+
+    def save_checkpoint(self, folder: Path, owed: DirtyMap, bulk_cursor: int, checkpoint: dict) -> None:
+        """Record checkpoint N + 1: its map first, then the JSON naming it, then drop map N."""
+        old = self.dirty_path(folder)
+        seq = self.checkpoint_seq + 1
+        owed.save(self.dirty_path(folder, seq))
+        self.checkpoint_seq, self.bulk_cursor, self.checkpoint = seq, bulk_cursor, checkpoint
+        self.save(folder)
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+
+    def load_owed(self, folder: Path) -> DirtyMap | None:
+        path = self.dirty_path(folder)
+        if not path.exists():
+            return None
+        owed = DirtyMap.load(path)
+        if owed.nchunks != -(-self.size // self.chunk_size) or owed.chunk_size != self.chunk_size:
+            raise UsageError(f"{path} does not match the device ({owed.nchunks} chunks of {owed.chunk_size})")
+        return owed
+
+
+@dataclass
+class TargetState:
+    migration_id: str
+    device: str                     # the wire name
+    target: str                     # the path written
+    size: int                       # the source device's size
+    chunk_size: int
+    status: str = "receiving"       # receiving | interrupted | complete | verified | mismatch | failed
+    attempt: int = 1
+    updated: float = 0.0
+    version: int = STATE_VERSION
+
+    @staticmethod
+    def path_in(folder: Path) -> Path:
+        return folder / "target.json"
+
+    @staticmethod
+    def held_path(folder: Path) -> Path:
+        return folder / "held.map"
+
+    @classmethod
+    def load(cls, folder: Path) -> "TargetState | None":
+        obj = read_json(cls.path_in(folder))
+        if obj is None:
+            return None
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in obj.items() if k in known})
+        except TypeError as exc:
+            raise UsageError(f"{cls.path_in(folder)}: {exc}") from None
+
+    def save(self, folder: Path) -> None:
+        self.updated = time.time()
+        write_json_atomically(self.path_in(folder), asdict(self))

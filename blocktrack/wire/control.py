@@ -1,0 +1,368 @@
+"""Byte layouts of blocktrack's live-migration control protocol, around the block-migration stream.
+
+``blocktrack migrate`` talks to ``blocktrack receive`` over one TCP connection. The QEMU stream
+(layout.py) is its payload; this module holds everything else on that connection, and the JSON
+lines of the local control socket that ``blocktrack release`` uses. Pure codecs, no I/O: callers
+read exactly the lengths these headers announce. All integers are big-endian.
+
+Connection, in order::
+
+    sender → receiver   HELLO                      once, the first bytes of the connection
+    receiver → sender   ACCEPT | REFUSE            before any data moves
+    sender → receiver   DATA frames ... END        the migration stream, cut into frames
+    receiver → sender   ACK ...                    while the stream arrives
+    receiver → sender   RESULT | ERROR             after END: the digests, or why it failed
+    sender → receiver   VERDICT                    the sender's comparison with the frozen source
+
+HELLO (45 + N bytes). The receiver tells a migration from a plain stream by these 8 bytes: "QEVM"
+starts a QEMU stream, and a bare stream starts with a be64 record word whose low 9 bits are flags;
+our last byte 0xff sets flag bits 0xf0, which no record may carry, so no valid bare stream starts
+with HELLO_MAGIC::
+
+    0   8  magic          b"BTMIGRT\\xff"
+    8   2  version        1
+    10  2  flags          0x1 RESUME (continue migration <id>), 0x2 VERIFY_FULL (digest every chunk)
+    12  16 migration id   random, chosen by the sender when the migration starts, kept on resume
+    28  8  device size    bytes of the source device
+    36  4  chunk size     bytes (1 MiB, the wire format's)
+    40  4  attempt        1 for the first connection, +1 for every resume (for logs)
+    44  1  N              device name length, 1..255
+    45  N  device name    UTF-8, no NUL: the name the stream's block records carry
+
+Sender frames (5-byte header, then the payload)::
+
+    0   1  type           1 DATA, 2 END, 3 VERDICT
+    1   4  length         payload bytes: DATA 1..MAX_DATA_FRAME, END 0, VERDICT 1..4097
+    DATA                  the next bytes of the migration stream
+    END                   the stream is complete: the receiver's stream reader sees its end here
+    VERDICT               u8 result (0 VERIFIED, 1 MISMATCH, 2 FAILED), then a UTF-8 message
+
+Framing is what lets the sender say "end of stream" and still talk afterwards: the stream reader
+needs an end of input, and a half-closed socket could not carry the verdict.
+
+Receiver messages (9-byte header, then the payload)::
+
+    0   4  magic          b"BTRV"
+    4   1  type           1 ACCEPT, 2 REFUSE, 3 ACK, 4 RESULT, 5 ERROR
+    5   4  length         payload bytes
+    ACCEPT  be64 target size, be64 nchunks, be64 chunks held, then ceil(nchunks / 8) bytes: bit i
+            (byte i >> 3, bit i & 7) set when chunk i of this migration is on the target's stable
+            storage from earlier connections (all clear for a new migration)
+    REFUSE  be16 reason (REFUSE_* below), UTF-8 message
+    ACK     be64 received: stream bytes parsed and handed to the target's writer;
+            be64 durable: stream bytes whose writes are flushed and synced (resume starts from here)
+    RESULT  u8 algorithm (1 XXH3_128), u8 scope (1 FINAL_PART, 2 FULL), be64 chunks written on this
+            connection, be64 chunks held in all (this migration), be64 nchunks, be32 count, then
+            count x (be64 chunk index, 16-byte digest of the chunk as read back from the target)
+    ERROR   UTF-8 message: the receiver failed (it closes the connection after this)
+
+Digests cover a chunk's bytes inside the device (the last chunk may be short), read back from the
+target after the final flush; XXH3_128's 16 bytes are its canonical (big-endian) form.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from blocktrack.errors import StreamError
+
+VERSION = 1
+HELLO_MAGIC = b"BTMIGRT\xff"
+HELLO = struct.Struct(">8sHH16sQIIB")
+FLAG_RESUME = 0x1
+FLAG_VERIFY_FULL = 0x2
+KNOWN_HELLO_FLAGS = FLAG_RESUME | FLAG_VERIFY_FULL
+MIGRATION_ID_LEN = 16
+MAX_NAME_LEN = 255
+
+FRAME = struct.Struct(">BI")
+FRAME_DATA, FRAME_END, FRAME_VERDICT = 1, 2, 3
+MAX_DATA_FRAME = 16 << 20
+MAX_MESSAGE = 4096
+VERDICT_VERIFIED, VERDICT_MISMATCH, VERDICT_FAILED = 0, 1, 2
+VERDICT_NAMES = {VERDICT_VERIFIED: "verified", VERDICT_MISMATCH: "mismatch", VERDICT_FAILED: "failed"}
+
+REPLY_MAGIC = b"BTRV"
+REPLY = struct.Struct(">4sBI")
+ACCEPT, REFUSE, ACK, RESULT, ERROR = 1, 2, 3, 4, 5
+REPLY_NAMES = {ACCEPT: "ACCEPT", REFUSE: "REFUSE", ACK: "ACK", RESULT: "RESULT", ERROR: "ERROR"}
+
+ACCEPT_HEAD = struct.Struct(">QQQ")
+REFUSE_HEAD = struct.Struct(">H")
+ACK_BODY = struct.Struct(">QQ")
+RESULT_HEAD = struct.Struct(">BBQQQI")
+DIGEST_ENTRY = struct.Struct(">Q16s")
+
+REFUSE_VERSION = 1       # a protocol version or flag this receiver does not speak
+REFUSE_DEVICE = 2        # the device name is not mapped on the receiver's command line
+REFUSE_SIZE = 3          # the target is smaller than the device
+REFUSE_MIGRATION = 4     # a resume of a migration this target is not part of
+REFUSE_TARGET = 5        # the target cannot be opened or used
+REFUSE_NAMES = {REFUSE_VERSION: "version", REFUSE_DEVICE: "device", REFUSE_SIZE: "size",
+                REFUSE_MIGRATION: "migration id", REFUSE_TARGET: "target"}
+
+DIGEST_XXH3_128 = 1
+SCOPE_FINAL_PART, SCOPE_FULL = 1, 2
+SCOPE_NAMES = {SCOPE_FINAL_PART: "final-part", SCOPE_FULL: "full"}
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StreamError(f"{what} is not UTF-8") from None
+
+
+def _message(text: str) -> bytes:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) > MAX_MESSAGE:
+        raw = raw[:MAX_MESSAGE - 3] + b"..."
+    return raw
+
+
+# -- HELLO -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    migration_id: bytes
+    device: str
+    size: int
+    chunk_size: int
+    flags: int = 0
+    attempt: int = 1
+    version: int = VERSION
+
+    @property
+    def resume(self) -> bool:
+        return bool(self.flags & FLAG_RESUME)
+
+    @property
+    def verify_full(self) -> bool:
+        return bool(self.flags & FLAG_VERIFY_FULL)
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+
+def encode_hello(hello: Hello) -> bytes:
+    name = hello.device.encode("utf-8")
+    if not 1 <= len(name) <= MAX_NAME_LEN or b"\0" in name:
+        raise ValueError(f"device name must be 1..{MAX_NAME_LEN} bytes of UTF-8 without NUL")
+    if len(hello.migration_id) != MIGRATION_ID_LEN:
+        raise ValueError("a migration id is 16 bytes")
+    return HELLO.pack(HELLO_MAGIC, hello.version, hello.flags, hello.migration_id, hello.size,
+                      hello.chunk_size, hello.attempt, len(name)) + name
+
+
+def decode_hello_head(head: bytes) -> tuple[Hello, int]:
+    """Decode the fixed HELLO.size bytes; return the Hello (device still empty) and the name length.
+
+    Raises StreamError for a bad magic, version, flags or geometry: the receiver answers REFUSE
+    (version) or gives up before anything else is read."""
+    magic, version, flags, mid, size, chunk_size, attempt, name_len = HELLO.unpack(head)
+    if magic != HELLO_MAGIC:
+        raise StreamError(f"not a blocktrack migration (magic {magic!r})", 0)
+    if name_len == 0:
+        raise StreamError("migration handshake with an empty device name", 0)
+    if chunk_size <= 0 or chunk_size % 512:
+        raise StreamError(f"migration handshake with chunk size {chunk_size}", 0)
+    return Hello(mid, "", size, chunk_size, flags, attempt, version), name_len
+
+
+def decode_hello_name(hello: Hello, raw: bytes) -> Hello:
+    if b"\0" in raw:
+        raise StreamError(f"device name {raw!r} contains a NUL byte", 0)
+    return Hello(hello.migration_id, _text(raw, "the device name"), hello.size, hello.chunk_size,
+                 hello.flags, hello.attempt, hello.version)
+
+
+# -- sender frames -----------------------------------------------------------------------------------
+
+
+def frame_header(kind: int, length: int) -> bytes:
+    return FRAME.pack(kind, length)
+
+
+def decode_frame_header(raw: bytes, offset: int) -> tuple[int, int]:
+    """(type, length), validated; ``offset`` is the connection byte offset, for errors."""
+    kind, length = FRAME.unpack(raw)
+    if kind == FRAME_DATA:
+        if not 1 <= length <= MAX_DATA_FRAME:
+            raise StreamError(f"data frame of {length} bytes", offset)
+    elif kind == FRAME_END:
+        if length:
+            raise StreamError(f"end frame with {length} bytes of payload", offset)
+    elif kind == FRAME_VERDICT:
+        if not 1 <= length <= MAX_MESSAGE + 1:
+            raise StreamError(f"verdict frame of {length} bytes", offset)
+    else:
+        raise StreamError(f"unknown frame type {kind}", offset)
+    return kind, length
+
+
+def encode_verdict(result: int, message: str) -> bytes:
+    body = bytes([result]) + _message(message)
+    return frame_header(FRAME_VERDICT, len(body)) + body
+
+
+def decode_verdict(body: bytes) -> tuple[int, str]:
+    result = body[0]
+    if result not in VERDICT_NAMES:
+        raise StreamError(f"unknown verdict {result}")
+    return result, _text(body[1:], "the verdict message")
+
+
+# -- receiver messages -------------------------------------------------------------------------------
+
+
+def reply(kind: int, body: bytes = b"") -> bytes:
+    return REPLY.pack(REPLY_MAGIC, kind, len(body)) + body
+
+
+def decode_reply_header(raw: bytes, max_length: int) -> tuple[int, int]:
+    """(type, length) of a receiver message; StreamError for anything unexpected."""
+    magic, kind, length = REPLY.unpack(raw)
+    if magic != REPLY_MAGIC:
+        raise StreamError(f"the peer is not a blocktrack receiver (reply magic {magic!r})")
+    if kind not in REPLY_NAMES:
+        raise StreamError(f"unknown receiver message type {kind}")
+    limit = {ACK: ACK_BODY.size, REFUSE: REFUSE_HEAD.size + MAX_MESSAGE, ERROR: MAX_MESSAGE}.get(kind, max_length)
+    if length > limit:
+        raise StreamError(f"receiver {REPLY_NAMES[kind]} message of {length} bytes (at most {limit})")
+    return kind, length
+
+
+def bitmap_bytes(nchunks: int) -> int:
+    return -(-nchunks // 8)
+
+
+def encode_accept(target_size: int, nchunks: int, held: list[list[int]]) -> bytes:
+    """``held``: inclusive [first, last] runs of chunks already on the target."""
+    bits = bytearray(bitmap_bytes(nchunks))
+    count = 0
+    for first, last in held:
+        for i in range(first, last + 1):
+            bits[i >> 3] |= 1 << (i & 7)
+        count += last - first + 1
+    return reply(ACCEPT, ACCEPT_HEAD.pack(target_size, nchunks, count) + bytes(bits))
+
+
+@dataclass(frozen=True)
+class Accept:
+    target_size: int
+    nchunks: int
+    held: list[int]  # chunk indexes already on the target's stable storage
+
+
+def decode_accept(body: bytes, nchunks: int) -> Accept:
+    if len(body) < ACCEPT_HEAD.size:
+        raise StreamError("short ACCEPT message")
+    target_size, their_nchunks, count = ACCEPT_HEAD.unpack_from(body)
+    if their_nchunks != nchunks or len(body) != ACCEPT_HEAD.size + bitmap_bytes(nchunks):
+        raise StreamError(f"ACCEPT for {their_nchunks} chunks, expected {nchunks}")
+    bits = body[ACCEPT_HEAD.size:]
+    held = [i for i in range(nchunks) if bits[i >> 3] >> (i & 7) & 1]
+    if len(held) != count:
+        raise StreamError(f"ACCEPT says {count} chunks held, its map has {len(held)}")
+    return Accept(target_size, nchunks, held)
+
+
+def encode_refuse(reason: int, message: str) -> bytes:
+    return reply(REFUSE, REFUSE_HEAD.pack(reason) + _message(message))
+
+
+def decode_refuse(body: bytes) -> tuple[int, str]:
+    if len(body) < REFUSE_HEAD.size:
+        raise StreamError("short REFUSE message")
+    (reason,) = REFUSE_HEAD.unpack_from(body)
+    return reason, _text(body[REFUSE_HEAD.size:], "the refusal message")
+
+
+def encode_ack(received: int, durable: int) -> bytes:
+    return reply(ACK, ACK_BODY.pack(received, durable))
+
+
+def decode_ack(body: bytes) -> tuple[int, int]:
+    if len(body) != ACK_BODY.size:
+        raise StreamError(f"ACK of {len(body)} bytes")
+    return ACK_BODY.unpack(body)
+
+
+@dataclass(frozen=True)
+class Result:
+    algorithm: int
+    scope: int
+    chunks_written: int
+    chunks_held: int
+    nchunks: int
+    digests: dict[int, bytes]
+
+
+def encode_result(scope: int, chunks_written: int, chunks_held: int, nchunks: int,
+                  digests: dict[int, bytes]) -> bytes:
+    head = RESULT_HEAD.pack(DIGEST_XXH3_128, scope, chunks_written, chunks_held, nchunks, len(digests))
+    return reply(RESULT, head + b"".join(DIGEST_ENTRY.pack(i, d) for i, d in sorted(digests.items())))
+
+
+def result_max_length(nchunks: int) -> int:
+    return RESULT_HEAD.size + DIGEST_ENTRY.size * nchunks
+
+
+def decode_result(body: bytes) -> Result:
+    if len(body) < RESULT_HEAD.size:
+        raise StreamError("short RESULT message")
+    algorithm, scope, written, held, nchunks, count = RESULT_HEAD.unpack_from(body)
+    if algorithm != DIGEST_XXH3_128:
+        raise StreamError(f"unknown digest algorithm {algorithm}")
+    if scope not in SCOPE_NAMES:
+        raise StreamError(f"unknown digest scope {scope}")
+    if len(body) != RESULT_HEAD.size + count * DIGEST_ENTRY.size:
+        raise StreamError(f"RESULT with {count} digests has {len(body)} bytes")
+    digests = {}
+    for n in range(count):
+        index, digest = DIGEST_ENTRY.unpack_from(body, RESULT_HEAD.size + n * DIGEST_ENTRY.size)
+        if index >= nchunks or index in digests:
+            raise StreamError(f"RESULT digest for chunk {index} (of {nchunks}, or twice)")
+        digests[index] = digest
+    return Result(algorithm, scope, written, held, nchunks, digests)
+
+
+def encode_error(message: str) -> bytes:
+    return reply(ERROR, _message(message))
+
+
+def decode_text(body: bytes) -> str:
+    return _text(body, "the receiver's message")
+
+
+# -- the local control socket (blocktrack release) ---------------------------------------------------
+#
+# A Unix socket in the migration's state folder, owned by the running `blocktrack migrate`. One JSON
+# object per line each way, UTF-8, at most MAX_CONTROL_LINE bytes: a request {"op": "status"} or
+# {"op": "release", "mode": "thaw" | "retire"}, answered by {"ok": true, ...} or {"ok": false,
+# "error": "..."}.
+
+MAX_CONTROL_LINE = 64 * 1024
+
+
+def encode_control(obj: dict) -> bytes:
+    line = json.dumps(obj, sort_keys=True).encode("utf-8") + b"\n"
+    if len(line) > MAX_CONTROL_LINE:
+        raise ValueError("control message too long")
+    return line
+
+
+def decode_control(line: bytes) -> dict:
+    if len(line) > MAX_CONTROL_LINE:
+        raise StreamError("control message too long")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StreamError(f"control message does not parse: {exc}") from None
+    if not isinstance(obj, dict):
+        raise StreamError("control message is not a JSON object")
+    return obj
