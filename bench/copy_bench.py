@@ -93,10 +93,10 @@ def run_tcp(src: str, dst: str) -> tuple[float, int]:
         rss_send, rss_recv = Path(rss_dir) / "send", Path(rss_dir) / "recv"
         started = time.monotonic()
         receiver = subprocess.Popen(
-            _timed([*BT, "receive", "--listen", "127.0.0.1:0", "--device", f"d={dst}", "--json"], rss_recv),
+            _timed([*BT, "receive", "--listen", "127.0.0.1:0", "--device", f"d={dst}", "--json", "--insecure"], rss_recv),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
         port = json.loads(receiver.stdout.readline())["port"]
-        sender = subprocess.Popen(_timed([*BT, "send", "--device", f"d={src}", "--to", f"127.0.0.1:{port}"],
+        sender = subprocess.Popen(_timed([*BT, "send", "--device", f"d={src}", "--to", f"127.0.0.1:{port}", "--insecure"],
                                          rss_send), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
         for proc in (sender, receiver):
             _, err = proc.communicate()

@@ -12,10 +12,10 @@ import signal
 import sys
 
 from blocktrack import __version__
-from blocktrack.commands import migrate, receive, release, send, serve
+from blocktrack.commands import dirty, enroll, migrate, receive, release, send, serve, status, unenroll, watch
 from blocktrack.errors import BlocktrackError
 
-COMMANDS = (send, receive, serve, migrate, release)
+COMMANDS = (send, receive, serve, migrate, release, enroll, unenroll, status, dirty, watch)
 
 DESCRIPTION = """\
 blocktrack tracks the writes to live Linux block devices and moves them to another host

@@ -264,7 +264,8 @@ class ChunkReader:
         return index, offset, min(self.chunk_size, self.size - offset)
 
     def _check_read(self, rc: int, offset: int, expected: int) -> None:
-        check(rc, "read", self.path, offset)
+        # The operator needs the chunk (what the migration was copying) as well as the byte offset.
+        check(rc, f"read of chunk {offset // self.chunk_size}", self.path, offset)
         if rc < expected:
             raise IOFailure(errno.EIO, f"short read (got {rc} of {expected} bytes: did the device shrink?)",
                             self.path, offset)

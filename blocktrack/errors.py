@@ -76,6 +76,16 @@ class PeerError(BlocktrackError):
     exit_code = 5
 
 
+class PeerStalled(PeerError):
+    """Nothing came from (or could be sent to) the peer for --stall-timeout seconds: a stopped
+    process, a dead host, or a network that stopped forwarding. Exit code 5 like any lost peer."""
+
+
+class AuthenticationError(PeerError):
+    """The peer could not prove who it is (TLS certificate, pre-shared key), or we could not: the
+    connection is closed before any stream byte is read or written."""
+
+
 def check(rc: int, what: str, path: str | None = None, offset: int | None = None) -> int:
     """Return ``rc`` when it is >= 0; turn a ``-errno`` return of the C core into an exception."""
     if rc < 0:
@@ -84,3 +94,66 @@ def check(rc: int, what: str, path: str | None = None, offset: int | None = None
             raise MemoryError(f"{what}: out of memory")
         raise IOFailure(err, what, path, offset)
     return rc
+
+
+# -- tracking backends, device-mapper and LVM (blocktrack.backends, blocktrack.kernel) ---------------
+
+class KernelToolError(DeviceError):
+    """A kernel tool (dmsetup, lvm) refused or failed; ``argv`` and its ``stderr`` say what and why."""
+
+    def __init__(self, argv, returncode: int, stderr: str, what: str | None = None):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        detail = self.stderr.splitlines()[-1] if self.stderr else f"exit status {returncode}"
+        super().__init__(f"{what or ' '.join(self.argv[:2])}: {detail}")
+
+
+class DmIoctlError(IOFailure):
+    """A device-mapper ioctl failed. The kernel returns only an errno; ``kernel_says`` holds what it
+    logged about it (a target constructor's reason, say), when that could be read."""
+
+    def __init__(self, err: int, what: str, name: str, kernel_says: str = ""):
+        super().__init__(err, f"device-mapper: {what}", name)
+        self.name = name
+        self.kernel_says = kernel_says
+        if kernel_says:
+            self.args = (f"{self.args[0]} (kernel: {kernel_says})",)
+
+
+class NotEnrolled(UsageError):
+    """The device named is not enrolled (see ``blocktrack status``)."""
+
+
+class AlreadyEnrolled(UsageError):
+    """The device is already enrolled, or already stacked on by someone else's device-mapper layer."""
+
+
+class TrackingError(DeviceError):
+    """A backend cannot say which chunks changed: its kernel state is gone, replaced or damaged.
+
+    Never answered with "nothing dirty": the caller must treat the whole device as changed or stop.
+    """
+
+
+class MetadataError(TrackingError):
+    """On-disk tracking metadata (era metadata, a snapshot's exception store) is not what it should be."""
+
+    def __init__(self, path, reason: str, location: int | None = None):
+        self.path = str(path)
+        self.reason = reason
+        self.location = location
+        where = f" (block {location})" if location is not None else ""
+        super().__init__(f"{self.path}: {reason}{where}")
+
+
+class StateError(BlocktrackError):
+    """The state directory (/var/lib/blocktrack or --state-dir) is unusable or holds a damaged record."""
+
+
+class FaultInjected(BlocktrackError):
+    """Raised at a fault point named in BLOCKTRACK_FAULT (tests only)."""
+
+
+class AllDirtyWarning(UserWarning):
+    """A backend lost track of what changed (overflowed snapshot, lost metadata) and reports every chunk dirty."""

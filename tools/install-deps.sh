@@ -10,6 +10,7 @@ debs=(
   lvm2 dmsetup thin-provisioning-tools     # LVM, device-mapper, era_invalidate/era_dump (used inside the lab)
   nbd-client nbdkit libnbd-bin             # kernel NBD client, NBD peers (nbdinfo, nbdcopy)
   e2fsprogs fio udev iproute2 time         # filesystems and udevd in the lab, benchmarks (GNU time for peak RSS)
+  openssh-server openssh-client openssl    # the ssh transport's test (a real sshd on loopback), test certificates
 )
 missing=()
 for pkg in "${debs[@]}"; do
@@ -20,5 +21,5 @@ apt-get update -qq
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-python3 -m pip install -q --disable-pip-version-check "cffi>=1.15" "ioctl-opt>=1.2" "xxhash>=3" \
+python3 -m pip install -q --disable-pip-version-check "cffi>=1.15" "ioctl-opt>=1.2" "xxhash>=3" "pyudev>=0.22" \
   "pytest>=7" "hypothesis>=6" "pytest-timeout" setuptools wheel

@@ -13,15 +13,19 @@ import sys
 import threading
 import time
 
+from blocktrack import secure
 from blocktrack.commands.common import parse_size
 from blocktrack.errors import UsageError
 from blocktrack.migrate.control import ControlServer
 from blocktrack.migrate.engine import LiveMigration, Options
 from blocktrack.migrate.failures import Interrupted
+from blocktrack.migrate.link import ReceiverLink
+from blocktrack.migrate.enrolled_source import EnrolledSource
 from blocktrack.migrate.nbd_source import NbdSource
 from blocktrack.migrate.savedstate import RESUMABLE, SourceState, make_folder, source_folder, state_root
 from blocktrack.migrate.source import RELEASE_MODES
 from blocktrack.progress import human_bytes
+from blocktrack.state import StateDir
 
 DESCRIPTION = """\
 Copy a device that stays in use to a `blocktrack receive --listen` on another host, and cut
@@ -41,13 +45,19 @@ target already holds."""
 
 EPILOG = """\
 examples:
-  blocktrack receive --listen 0.0.0.0:7000 --device vg0/data=/dev/vg1/data      # on the target
-  blocktrack migrate /dev/vg0/data --to target:7000 --serve-socket /run/data.sock
-  blocktrack migrate disk.img --to 127.0.0.1:7000 --serve-socket /tmp/disk.sock --rate-limit 50M --json
-  blocktrack migrate disk.img --to 127.0.0.1:7000 --serve-socket /tmp/disk.sock --resume
+  # over ssh: nothing listens; ssh runs `blocktrack receive --input - --device vg0/data=/dev/vg1/data` on target
+  blocktrack migrate /dev/vg0/data --to ssh://root@target --remote-target /dev/vg1/data --serve-socket /run/data.sock
+  # direct TCP with TLS (mutual certificates) or a pre-shared key
+  blocktrack receive --listen 10.0.0.2:7000 --device vg0/data=/dev/vg1/data --psk-file /etc/blocktrack/psk
+  blocktrack migrate /dev/vg0/data --to 10.0.0.2:7000 --psk-file /etc/blocktrack/psk --serve-socket /run/data.sock
+  blocktrack migrate disk.img --to 10.0.0.2:7000 --tls-cert src.pem --tls-key src.key --tls-ca ca.pem ...
+  # plain TCP (tests, a private link): --insecure on both ends
+  blocktrack migrate disk.img --to 127.0.0.1:7000 --insecure --serve-socket /tmp/disk.sock --rate-limit 50M --json
+  blocktrack migrate disk.img --to 127.0.0.1:7000 --insecure --serve-socket /tmp/disk.sock --resume
   blocktrack release disk.img --retire
 
-exit status: 0 verified (then waits for `blocktrack release`), 5 the receiver went away or refused,
+exit status: 0 verified (then waits for `blocktrack release`), 5 the receiver went away, refused,
+stalled (nothing for --stall-timeout seconds) or failed authentication,
 6 verification failed, 7 not converging (--on-no-converge stop), 130 interrupted; others as
 `blocktrack --help` says. After any failure the source is thawed and the migration can --resume."""
 
@@ -57,10 +67,21 @@ def register(subparsers) -> None:
                                    description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("device", metavar="DEVICE", help="the block device or image file to migrate")
-    parser.add_argument("--to", required=True, metavar="HOST:PORT", help="the `blocktrack receive --listen` address")
-    parser.add_argument("--backend", choices=("nbd",), default="nbd",
-                        help="how writes are tracked: nbd (serve the device to its writers over NBD; default). "
-                             "The era and snapshot backends come with device-mapper support")
+    parser.add_argument("--to", required=True, metavar="HOST:PORT|ssh://[USER@]HOST[:PORT][/PATH]",
+                        help="the `blocktrack receive --listen` address (with --tls-*, --psk-file or --insecure), "
+                             "or ssh://...: run `blocktrack receive --input -` on HOST through ssh (PATH: the "
+                             "remote blocktrack command, default `blocktrack`; needs --remote-target)")
+    parser.add_argument("--remote-target", metavar="PATH",
+                        help="ssh: the device or image file on HOST that receives DEVICE (the remote "
+                             "receiver gets --device NAME=PATH, NAME being --name)")
+    parser.add_argument("--ssh-option", action="append", metavar="KEY=VALUE",
+                        help="ssh: an extra `ssh -o KEY=VALUE` (repeatable), e.g. IdentityFile=/root/.ssh/mig")
+    parser.add_argument("--backend", choices=("nbd", "era", "snapshot"), default="nbd",
+                        help="how writes are tracked: nbd (serve the device to its writers over NBD; default), "
+                             "era or snapshot (an LV enrolled with `blocktrack enroll`; enrolled now if it "
+                             "is not, and left enrolled afterwards)")
+    parser.add_argument("--cow-size", type=parse_size, metavar="SIZE",
+                        help="snapshot: size of each COW volume when migrate enrolls the device itself")
     parser.add_argument("--serve-socket", metavar="PATH",
                         help="nbd: the Unix socket writers use (default: nbd.sock in the state folder)")
     parser.add_argument("--name", metavar="NAME",
@@ -87,6 +108,7 @@ def register(subparsers) -> None:
     parser.add_argument("--depth", type=int, default=8, metavar="N", help="reads kept in flight (default 8)")
     parser.add_argument("--json", action="store_true",
                         help="events, progress and the summary as JSON lines on stdout")
+    secure.add_arguments(parser, receiver=False)
     parser.set_defaults(run=run)
 
 
@@ -158,6 +180,9 @@ class Reporter:
             elif f["phase"] == "failed":
                 extra = f": {f.get('error')}"
             self._line(f"migrate: {f['phase']}{extra}")
+        elif event == "enrolled":
+            self._line(f"migrate: {f['event']} {f['device']} with the {f['backend']} backend "
+                       f"(checkpoint {f['checkpoint']}); it stays enrolled afterwards")
         elif event == "serving":
             self._line(f"migrate: serving {f['path']} ({human_bytes(f['size'])}) to its writers on {f['uri']}")
         elif event == "connected":
@@ -219,9 +244,16 @@ class _Session:
         op = request.get("op")
         if op == "status":
             with self.lock:
+                progress = None
+                if self.phase == "migrating" and self.engine is not None and self.engine.meter is not None:
+                    try:
+                        progress = self.engine.progress_snapshot()
+                    except Exception:              # a status request must never disturb the migration
+                        progress = None
                 return {"ok": True, "device": self.device, "migration_id": self.state.migration_id,
                         "phase": self.engine.phase if self.phase == "migrating" and self.engine else self.phase,
-                        "held_requests": self.source.held_writes(), "result": self.summary}
+                        "held_requests": self.source.held_writes(), "result": self.summary,
+                        "progress": progress}
         if op == "release":
             mode = request.get("mode")
             if mode not in RELEASE_MODES:
@@ -236,6 +268,12 @@ class _Session:
                 self.mode = mode
                 self.done.set()
             held = info["held_requests"]
+            if held is None:               # a suspended dm device (era, snapshot backends)
+                message = (f"thawed {self.device}: the writes the kernel held and every later write reach it "
+                           f"again; it now differs from the target of migration {self.state.migration_id}"
+                           if mode == "thaw" else
+                           f"retired {self.device}: an error table replaced it; every held and later write fails")
+                return {"ok": True, "mode": mode, "held_requests": held, "message": message}
             if mode == "thaw":
                 message = (f"thawed {self.device}: {held} held request(s) and every later write reach the source, "
                            f"which from now on differs from the target of migration {self.state.migration_id}")
@@ -244,6 +282,23 @@ class _Session:
                            "EPERM; the source no longer changes and its NBD server stops")
             return {"ok": True, "mode": mode, "held_requests": held, "message": message}
         return {"ok": False, "error": f"unknown control request {op!r}"}
+
+
+def _link_factory(args, name: str):
+    """How the engine reaches the receiver: direct TCP (authenticated as the options say) or ssh."""
+    sec = args.security
+
+    def connect(to: str, hello):
+        if secure.is_ssh_url(to):
+            remote = ["receive", "--input", "-", "--device", f"{name}={args.remote_target}",
+                      "--stall-timeout", f"{sec.stall_timeout:g}"]
+            channel = secure.SshChannel(secure.parse_ssh_url(to), remote, stall_timeout=sec.stall_timeout,
+                                        options=args.ssh_option or ())
+        else:
+            channel = secure.connect_channel(to, sec)
+        return ReceiverLink(channel, hello)
+
+    return connect
 
 
 def _lock(folder) -> int:
@@ -283,6 +338,14 @@ def run(args) -> int:
         raise UsageError("--depth must be between 1 and 64")
     if args.resume and args.restart:
         raise UsageError("--resume and --restart contradict each other")
+    ssh = secure.is_ssh_url(args.to)
+    args.security = secure.from_args(args, tcp=not ssh)
+    if ssh:
+        secure.parse_ssh_url(args.to)
+        if not args.remote_target:
+            raise UsageError("--to ssh://... needs --remote-target PATH: the device the remote receiver writes")
+    elif args.remote_target or args.ssh_option:
+        raise UsageError("--remote-target and --ssh-option are for --to ssh://HOST")
     if not os.path.exists(args.device):
         raise UsageError(f"{args.device}: no such file or block device")
     root = state_root(args.state_dir)
@@ -331,7 +394,16 @@ def _run(args, folder, signals: _Signals) -> int:
             reporter(event if event == "serving" else f"nbd_{event}", fields)
 
     socket_path = args.serve_socket or str(folder / "nbd.sock")
-    source = NbdSource(args.device, socket_path=socket_path, folder=folder, on_event=on_nbd_event)
+    if args.backend == "nbd":
+        source = NbdSource(args.device, socket_path=socket_path, folder=folder, on_event=on_nbd_event)
+    else:
+        if args.serve_socket:
+            raise UsageError("--serve-socket is for --backend nbd: with era and snapshot, writers keep using "
+                             f"{args.device} itself")
+        options = {"cow_size": args.cow_size} if args.cow_size else {}
+        source = EnrolledSource(args.device, args.backend, StateDir(args.state_dir), enroll_options=options,
+                                on_event=reporter)
+        socket_path = None
     if not args.resume:
         state = SourceState(secrets.token_hex(16), args.device, name, source.size, 1 << 20, args.backend, args.to,
                             started=time.time())
@@ -347,7 +419,8 @@ def _run(args, folder, signals: _Signals) -> int:
                       depth=args.depth)
     control = ControlServer(folder / "control.sock", session.handle)
     try:
-        engine = LiveMigration(source, state, folder, options, reporter, resume=args.resume)
+        engine = LiveMigration(source, state, folder, options, reporter, resume=args.resume,
+                               link_factory=_link_factory(args, name))
         session.engine = engine
         summary = engine.run()
         with session.lock:
@@ -368,10 +441,18 @@ def _run(args, folder, signals: _Signals) -> int:
             with session.lock:
                 session.phase = state.phase = "closed"
                 state.save(folder)
-            reporter("stopped", {"message": f"stopped by {signals.name} while frozen: the held writes were "
-                                            "refused (their connections closed); nothing reached the source"})
+            if socket_path is None:
+                message = (f"stopped by {signals.name} while frozen: {args.device} stays suspended (the kernel "
+                           f"holds its writes) until `blocktrack release {args.device}`")
+            else:
+                message = (f"stopped by {signals.name} while frozen: the held writes were refused (their "
+                           "connections closed); nothing reached the source")
+            reporter("stopped", {"message": message})
             return 0
-        if session.mode == "thaw":
+        if session.mode == "thaw" and socket_path is None:
+            reporter("released", {"mode": "thaw", "message": f"released: {args.device} takes writes again "
+                                                             f"(still enrolled with {args.backend})"})
+        elif session.mode == "thaw":
             reporter("released", {"mode": "thaw", "message": f"released: {args.device} is served again on "
                                                              f"{socket_path} until SIGTERM or SIGINT"})
             while not signals.stop.wait(0.5):

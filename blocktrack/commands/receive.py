@@ -7,7 +7,7 @@ import sys
 
 import json
 
-from blocktrack import transport
+from blocktrack import secure, transport
 from blocktrack.commands.common import add_json_flag, device_spec, make_progress, print_summary
 from blocktrack.errors import UsageError
 from blocktrack.migrate.live_receiver import serve_migration
@@ -32,12 +32,26 @@ handshake) is refused before any data moves when the target is smaller than the 
 is acknowledged as it arrives so the sender can resume after a cut, and ends with digests of
 what was written, checked by the sender against its frozen source: exit status 0 then means
 "verified". What this end has of an unfinished migration is kept in the state folder, so a
-restarted receiver accepts the resumed migration (and no other) on the same target."""
+restarted receiver accepts the resumed migration (and no other) on the same target.
+A target already being written by another `blocktrack receive` is refused (an flock on it).
+
+Security: --listen binds to 127.0.0.1 unless an address is named, and the sender must
+authenticate before any byte of the stream is read: TLS 1.3 with certificates on both sides
+(--tls-cert/--tls-key/--tls-ca), or a pre-shared key (--psk-file). Plain TCP needs --insecure.
+A connection that fails authentication is refused (reported, nothing read) and the receiver
+goes on listening for the sender that can authenticate.
+Over ssh (`migrate --to ssh://HOST`) the sender runs `blocktrack receive --input -` here
+itself; ssh authenticates, and the replies go back on stdout. A sender that sends nothing
+for --stall-timeout seconds (keep-alives count) ends the receive with exit status 5."""
 
 EPILOG = """\
 examples:
-  blocktrack receive --listen 0.0.0.0:7000 --device disk0=/dev/vg1/db
+  blocktrack receive --listen 0.0.0.0:7000 --device disk0=/dev/vg1/db \\
+      --tls-cert target.pem --tls-key target.key --tls-ca ca.pem
+  blocktrack receive --listen 10.0.0.2:7000 --device disk0=/dev/vg1/db --psk-file /etc/blocktrack/psk
+  blocktrack receive --listen :7000 --device disk0=copy.img --insecure      # loopback, plain TCP
   blocktrack receive --input disk.stream --device disk0=copy.img --expect-full
+  blocktrack receive --input - --device vg0/db=/dev/vg1/db   # what `migrate --to ssh://` runs remotely
   qemu ... migrate exec:'blocktrack receive --input - --device drive0=/dev/sdx'
 """
 
@@ -51,8 +65,10 @@ def register(subparsers) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--input", metavar="FILE|-", help="read the stream from FILE, or from stdin with -")
     where.add_argument("--listen", metavar="[HOST]:PORT",
-                       help="accept one TCP connection and read the stream from it (HOST defaults to 127.0.0.1; "
-                            "port 0 picks a free port, printed on stderr)")
+                       help="accept one TCP connection and read the stream from it (HOST defaults to 127.0.0.1, "
+                            "loopback only: name an address, e.g. 0.0.0.0:7000, to be reachable from elsewhere; "
+                            "port 0 picks a free port, printed on stderr). Needs --tls-*, --psk-file or "
+                            "--insecure")
     parser.add_argument("--expect-full", action="store_true",
                         help="fail unless every chunk of every target was written (a full copy)")
     parser.add_argument("--depth", type=int, default=8, metavar="N",
@@ -60,6 +76,7 @@ def register(subparsers) -> None:
     parser.add_argument("--state-dir", metavar="DIR",
                         help="live migrations: blocktrack's state directory; what each target holds is kept in "
                              "its migrations/ folder (default $BLOCKTRACK_STATE_DIR, else /var/lib/blocktrack)")
+    secure.add_arguments(parser, receiver=True)
     add_json_flag(parser)
     parser.set_defaults(run=run)
 
@@ -93,43 +110,68 @@ def _read_head(source, n: int) -> bytes:
 
 
 def run(args) -> int:
-    progress = make_progress(args, "receive", False)
+    sec = secure.from_args(args, tcp=bool(args.listen))
+    progress = make_progress(args, "receive", False) if args.listen else None
     if args.listen:
         listener = transport.Listener(args.listen)
-        progress.event("listening", host=listener.host, port=listener.port)
-        sys.stderr.write(f"blocktrack receive: listening on {listener.host}:{listener.port}\n")
+        progress.event("listening", host=listener.host, port=listener.port, auth=sec.mode)
+        sys.stderr.write(f"blocktrack receive: listening on {listener.host}:{listener.port} ({sec.mode})\n")
         sys.stderr.flush()
-        source = listener.accept()
+        def refused(reason: str) -> None:
+            progress.event("refused", message=reason)
+            sys.stderr.write(f"blocktrack receive: refused a connection: {reason}; still listening\n")
+            sys.stderr.flush()
+
+        # Authentication first: nothing of the stream is read before the peer proved who it is.
+        source = secure.accept_channel(listener, sec, on_refused=refused)
     else:
         source = transport.open_source(args.input)
+    stdio_migration = False
     try:
         head = _read_head(source, len(HELLO_MAGIC))
         if head == HELLO_MAGIC:
-            if not args.listen:
+            if args.listen:
+                channel = source
+            elif args.input == "-":
+                # `migrate --to ssh://` runs us like this: the stream on stdin, our replies on stdout.
+                stdio_migration = True
+                channel = transport.PipeChannel(sys.stdin.fileno(), sys.stdout.fileno(), "stdio",
+                                                stall_timeout=sec.stall_timeout, peer="the sender")
+            else:
                 raise UsageError("this is a live-migration connection from `blocktrack migrate`: it needs "
-                                 "--listen (the receiver answers the sender)")
-            summary = serve_migration(source.sock, head, args.device, state_root=state_root(args.state_dir),
-                                      progress=progress, depth=args.depth)
+                                 "--listen, or --input - with the replies on stdout (as `migrate --to ssh://` "
+                                 "runs it): the receiver answers the sender")
+            if progress is None:
+                progress = make_progress(args, "receive", stdio_migration)
+            try:
+                summary = serve_migration(channel, head, args.device, state_root=state_root(args.state_dir),
+                                          progress=progress, depth=args.depth)
+            finally:
+                if stdio_migration:
+                    channel.close()
         else:
+            if progress is None:
+                progress = make_progress(args, "receive", False)
             summary = receive_stream(_Prefixed(head, source), args.device, progress=progress, depth=args.depth,
                                      expect_full=args.expect_full)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         source.close()
     if head == HELLO_MAGIC:
-        _print_migration(args, summary)
+        _print_migration(args, summary, sys.stderr if stdio_migration else sys.stdout)
     else:
         print_summary(args, "receive", summary.as_dict(), False)
     return 0
 
 
-def _print_migration(args, summary: dict) -> None:
+def _print_migration(args, summary: dict, out) -> None:
     if args.json:
-        sys.stdout.write(json.dumps({"event": "summary", "operation": "receive", **summary}, sort_keys=True) + "\n")
+        out.write(json.dumps({"event": "summary", "operation": "receive", **summary}, sort_keys=True) + "\n")
     else:
-        sys.stdout.write(f"receive: VERIFIED: migration {summary['migration_id']} of {summary['device']!r} onto "
+        out.write(f"receive: VERIFIED: migration {summary['migration_id']} of {summary['device']!r} onto "
                          f"{summary['target']}, attempt {summary['attempt']}: {summary['chunks']} chunks written "
                          f"({summary['zero_chunks']} zero), {summary['chunks_held']}/{summary['target_chunks']} "
                          f"chunks held, {summary['chunks_verified']} verified by digest ({summary['verify']}), "
                          f"{summary['seconds']:.2f} s\n")
-    sys.stdout.flush()
+    out.flush()

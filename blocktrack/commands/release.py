@@ -41,10 +41,10 @@ def run(args) -> int:
     state = SourceState.load(folder)
     if state is None:
         raise UsageError(f"no migration of {args.device} is recorded in {folder.parent}")
-    if state.backend != "nbd":
-        raise UsageError(f"releasing a {state.backend} migration is not supported yet")
     if state.phase in ("released", "retired"):
         raise UsageError(f"the migration of {args.device} ({state.migration_id}) was already {state.phase}")
+    if state.phase == "closed" and state.backend != "nbd":
+        state.phase = "frozen"          # a dm source stays suspended when its migrate is stopped: release it
     if state.phase == "closed":
         raise UsageError(f"the migration of {args.device} ({state.migration_id}) stopped while frozen: its held "
                          "writes were refused and nothing reached the source; there is nothing to release")
@@ -55,8 +55,11 @@ def run(args) -> int:
     try:
         answer = control.request(folder / "control.sock", {"op": "release", "mode": mode})
     except PeerError as exc:
-        raise PeerError(f"{exc} (pid {state.pid}); while it is not running nothing serves {args.device}, so no write "
-                        "can reach it") from None
+        if state.backend != "nbd":
+            answer = _release_directly(args, state, folder, mode)
+        else:
+            raise PeerError(f"{exc} (pid {state.pid}); while it is not running nothing serves {args.device}, so no "
+                            "write can reach it") from None
     if not answer.get("ok"):
         raise BlocktrackError(f"release refused: {answer.get('error')}")
     if args.json:
@@ -66,3 +69,22 @@ def run(args) -> int:
         sys.stdout.write(f"blocktrack release: {answer['message']}\n")
     sys.stdout.flush()
     return 0
+
+
+def _release_directly(args, state, folder, mode: str) -> dict:
+    """The migrate that froze an enrolled (dm) source is gone, but the kernel still holds the LV
+    suspended: release it here, through its backend."""
+    from blocktrack import backends
+    from blocktrack.migrate.enrolled_source import release_enrolled
+    from blocktrack.state import StateDir
+
+    tracker = backends.open_backend(args.device, StateDir(args.state_dir))
+    info = release_enrolled(tracker, mode)
+    state.phase = "released" if mode == "thaw" else "retired"
+    state.save(folder)
+    if mode == "thaw":
+        message = (f"thawed {args.device} (its migrate {state.pid} was gone): writes reach it again, and it now "
+                   f"differs from the target of migration {state.migration_id}")
+    else:
+        message = f"retired {args.device}: an error table replaced it; every held and later write fails"
+    return {"ok": True, "mode": mode, **info, "message": message}

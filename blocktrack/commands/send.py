@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from blocktrack import transport
+from blocktrack import secure, transport
 from blocktrack.commands.common import add_json_flag, device_spec, make_progress, parse_size, print_summary
+from blocktrack.errors import PeerError, UsageError
 from blocktrack.migrate.sender import send_devices
 
 DESCRIPTION = """\
@@ -20,7 +21,8 @@ maps them to its own targets."""
 
 EPILOG = """\
 examples:
-  blocktrack send --device disk0=/dev/vg0/db --to 10.0.0.2:7000
+  blocktrack send --device disk0=/dev/vg0/db --to 10.0.0.2:7000 --psk-file /etc/blocktrack/psk
+  blocktrack send --device disk0=/dev/vg0/db --to ssh://root@target --remote-device disk0=/dev/vg1/db
   blocktrack send --device a=a.img --device b=b.img --output - | blocktrack receive --device a=/dev/sdx --device b=/dev/sdy --input -
   blocktrack send --device disk0=disk.img --zero-blocks --envelope none --output disk.stream
 """
@@ -34,7 +36,15 @@ def register(subparsers) -> None:
                         help="a device or image file to send, and the name it has on the wire (repeatable)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--output", metavar="FILE|-", help="write the stream to FILE, or to stdout with -")
-    where.add_argument("--to", metavar="HOST:PORT", help="connect to a `blocktrack receive --listen` and send there")
+    where.add_argument("--to", metavar="HOST:PORT|ssh://[USER@]HOST[:PORT][/PATH]",
+                       help="connect to a `blocktrack receive --listen` and send there (with --tls-*, --psk-file "
+                            "or --insecure), or run `blocktrack receive --input -` on HOST over ssh (PATH: the "
+                            "remote blocktrack command, default `blocktrack`)")
+    parser.add_argument("--remote-device", action="append", metavar="NAME=PATH", type=device_spec,
+                        help="ssh: the remote target for device NAME (repeatable); passed to the remote "
+                             "`blocktrack receive --device`")
+    parser.add_argument("--ssh-option", action="append", metavar="KEY=VALUE",
+                        help="ssh: an extra `ssh -o KEY=VALUE` (repeatable), e.g. IdentityFile=~/.ssh/mig")
     parser.add_argument("--envelope", choices=("qemu", "none"), default="qemu",
                         help="qemu (default): a whole QEMU 7.2 migration stream around the block section; "
                              "none: the bare block section records")
@@ -45,19 +55,49 @@ def register(subparsers) -> None:
                         help="cap the stream's average rate (bytes per second; K, M, G suffixes are binary)")
     parser.add_argument("--depth", type=int, default=8, metavar="N",
                         help="reads kept in flight per device (default 8)")
+    secure.add_arguments(parser, receiver=False)
     add_json_flag(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     data_on_stdout = args.output == "-"
-    sink = transport.connect(args.to) if args.to else transport.open_sink(args.output)
+    ssh = bool(args.to) and secure.is_ssh_url(args.to)
+    sec = secure.from_args(args, tcp=bool(args.to) and not ssh)
+    if args.remote_device and not ssh:
+        raise UsageError("--remote-device is for --to ssh://HOST (it names the far side's targets)")
+    if ssh:
+        if not args.remote_device:
+            raise UsageError("--to ssh://... needs --remote-device NAME=PATH for each device: the targets the "
+                             "remote `blocktrack receive` writes")
+        remote = ["receive", "--input", "-"]
+        for spec in args.remote_device:
+            remote += ["--device", f"{spec.name}={spec.path}"]
+        sink = secure.SshChannel(secure.parse_ssh_url(args.to), remote, stall_timeout=sec.stall_timeout,
+                                 options=args.ssh_option or ())
+    elif args.to:
+        sink = secure.connect_channel(args.to, sec)
+    else:
+        sink = transport.open_sink(args.output)
     if args.rate_limit:
         sink = transport.RateLimitedSink(sink, args.rate_limit)
     progress = make_progress(args, "send", data_on_stdout)
     try:
         summary = send_devices(args.device, sink, envelope=args.envelope, zero_blocks=args.zero_blocks,
                                progress=progress, depth=args.depth)
+        channel = sink.inner if args.rate_limit else sink
+        if ssh:
+            # The stream is sent; success is the remote receiver's: it exits 0 only once every write
+            # is on stable storage.
+            status = channel.finish(max(60.0, sec.stall_timeout))
+            if status != 0:
+                raise PeerError(f"the remote `blocktrack receive` on {channel.name} failed (exit status "
+                                f"{status}; its message is above)")
+        elif args.to:
+            # FIN after the last byte, then wait for the receiver to close: a close with unread input
+            # (TLS session tickets) would reset the connection and cut the stream's tail.
+            channel.end_output()
+            channel.drain()
     finally:
         progress.close()
         sink.close()

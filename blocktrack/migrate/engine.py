@@ -47,7 +47,8 @@ from typing import Callable
 
 from blocktrack.directio import ChunkReader, is_zero
 from blocktrack.dirtymap import DirtyMap
-from blocktrack.errors import DeviceError
+from blocktrack.errors import BlocktrackError, DeviceError
+from blocktrack.kernel.blockdev import device_size
 from blocktrack.migrate.failures import NotConverging, VerifyError
 from blocktrack.migrate.link import MeteredSink, ReceiverLink
 from blocktrack.migrate.savedstate import SourceState
@@ -57,6 +58,7 @@ from blocktrack.wire import SECTOR_SIZE, StreamWriter
 from blocktrack.wire import control as C
 
 PART_CHUNKS = 64
+FREEZE_COST_ABORTS = 3   # aborted cutovers before a final set no bigger than theirs is accepted
 MIN_THROTTLE = 64 << 10
 
 
@@ -117,6 +119,10 @@ class LiveMigration:
         self.skipped_chunks = 0
         self.final_chunks = 0
         self.aborted_cutovers = 0
+        self.freeze_s: float | None = None
+        self.min_aborted_final = 1 << 62
+        self.final_dirty_s: float | None = None
+        self.final_sent_s: float | None = None
         self.verified_chunks = 0
         self.pass_log: list[dict] = []
         self.throttle_rate: float | None = None
@@ -308,6 +314,21 @@ class LiveMigration:
                                        "throttle_mb_per_s": None if self.throttle_rate is None
                                        else round(self.throttle_rate / 1e6, 3)})
 
+    def _check_source(self) -> None:
+        """The source must still be the device we started with (same size) when we cut over.
+
+        A source lost under us (a disk gone, an image cut short) changes no chunk through the
+        tracker, so the final part would be empty and digest-verify nothing: without this check a
+        lost tail could end as "verified". Reads of a shrunk source fail on their own (short read);
+        this catches the loss after the last read."""
+        try:
+            size = device_size(self.source.path)
+        except BlocktrackError as exc:
+            raise DeviceError(f"the source {self.source.path} is gone at the cutover: {exc}") from None
+        if size != self.size:
+            raise DeviceError(f"the source {self.source.path} is {size} bytes at the cutover, {self.size} when the "
+                              "migration started: the source was lost or replaced, not cutting over")
+
     def _cutover(self) -> bool:
         """Freeze and finish; False (thawed again) when the last dirty set turned out too big."""
         self._set_phase("cutover", pending_bytes=self.estimate[0],
@@ -318,10 +339,24 @@ class LiveMigration:
             raise DeviceError(f"writes in flight on the source did not finish within {self.opt.freeze_timeout:.0f} s: "
                               "not cutting over")
         self.frozen = True
+        self.freeze_s = time.monotonic() - frozen_at       # parts of the downtime: reported apart
+        self._check_source()
         chunks = self._take_all_dirty()
+        self.final_dirty_s = time.monotonic() - frozen_at - self.freeze_s
         rate = self.meter.rate()
         final_bytes = len(chunks) * self.chunk + self._in_flight()
-        if chunks and rate and final_bytes / rate > self.opt.max_downtime:
+        over_budget = bool(chunks and rate and final_bytes / rate > self.opt.max_downtime)
+        if over_budget and self.aborted_cutovers >= FREEZE_COST_ABORTS and len(chunks) <= self.min_aborted_final:
+            # The freeze itself dirties these: a filesystem frozen by dm suspend writes its superblock
+            # and journal (ext4 always does), so every cutover finds them. Thawing again cannot make
+            # the final set smaller; aborting forever would never finish. Go on, and say so.
+            self.report("warning", {"message": f"the freeze itself dirties {len(chunks)} chunk(s) (a filesystem "
+                                               f"writes its superblock and journal when frozen): at "
+                                               f"{rate / 1e6:.2f} MB/s they need {final_bytes / rate * 1000:.0f} ms, "
+                                               f"more than --max-downtime {self.opt.max_downtime * 1000:.0f}; "
+                                               f"cutting over anyway after {self.aborted_cutovers} tries"})
+            over_budget = False
+        if over_budget:
             # Writes that landed between the estimate and the freeze (throttled ones are let go at
             # the freeze) made the last set too big for the budget: thaw, and send it as a pass.
             self.source.thaw()
@@ -329,6 +364,7 @@ class LiveMigration:
             for index in chunks:
                 self.carry.mark(index)
             self.aborted_cutovers += 1
+            self.min_aborted_final = min(self.min_aborted_final, len(chunks))
             self.report("cutover_aborted", {"final_chunks": len(chunks), "final_bytes": final_bytes,
                                             "link_mb_per_s": round(rate / 1e6, 2),
                                             "frozen_ms": round((time.monotonic() - frozen_at) * 1000, 1)})
@@ -347,6 +383,7 @@ class LiveMigration:
         self.final_chunks = len(chunks)
         self.writer.finish()
         self.link.end()
+        self.final_sent_s = time.monotonic() - frozen_at
         self._set_phase("verify", final_chunks=len(chunks), verify=self.opt.verify)
         if self.opt.verify == "full":
             expected = digest_chunks(self.source.path, range(self.nchunks), chunk_size=self.chunk, size=self.size,
@@ -428,6 +465,14 @@ class LiveMigration:
         if force_progress or now - self._last_progress >= 0.1:
             self._last_progress = now
             self.report("progress", self._progress_fields())
+
+    def progress_snapshot(self) -> dict:
+        """The progress fields, for `blocktrack status` (asked from another thread: counters only,
+        no call into the tracker, which the engine's thread may be using)."""
+        return {"phase": self.phase, "pass": self.current_pass, "bulk_cursor": self.bulk_next,
+                "chunks": self.nchunks, "percent": round(100.0 * self.bulk_next / self.nchunks, 1)
+                if self.phase == "bulk" else None, "sent_bytes": self.sent_bytes, "size": self.size,
+                "passes": self.passes, "aborted_cutovers": self.aborted_cutovers}
 
     def _progress_fields(self) -> dict:
         rate = self.meter.rate() if self.meter is not None else None
@@ -532,6 +577,11 @@ class LiveMigration:
             "resent_bytes": self.resent_bytes,
             "skipped_chunks": self.skipped_chunks,
             "downtime_ms": None if self.downtime is None else round(self.downtime * 1000, 1),
+            "freeze_ms": None if self.freeze_s is None else round(self.freeze_s * 1000, 1),
+            "downtime_parts_ms": None if self.final_sent_s is None or self.downtime is None else {
+                "freeze": round(self.freeze_s * 1000, 1), "final_dirty_set": round(self.final_dirty_s * 1000, 1),
+                "final_pass": round((self.final_sent_s - self.freeze_s - self.final_dirty_s) * 1000, 1),
+                "verify": round((self.downtime - self.final_sent_s) * 1000, 1)},
             "max_downtime_ms": round(self.opt.max_downtime * 1000),
             "verify": self.opt.verify,
             "chunks_verified": self.verified_chunks,

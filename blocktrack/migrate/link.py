@@ -1,12 +1,15 @@
 """The sender's end of a migration connection: handshake, framed stream, acknowledgements, verdict.
 
-``ReceiverLink`` connects, sends HELLO and waits for ACCEPT or REFUSE before anything else (so a
+``ReceiverLink`` takes a connected, authenticated channel (transport.Channel: TCP, TLS or ssh; see
+secure.py), sends HELLO and waits for ACCEPT or REFUSE before anything else (so a
 target that is too small is refused before any data moves). Then it is a sink for the StreamWriter
 (``write`` wraps each buffer in a DATA frame, the payload never copied) while a thread reads the
 receiver's messages: ACKs (how far the receiver has parsed, and how far its writes are durable),
 then RESULT with the digests, or ERROR. Any failure of the peer — an ERROR, a reset, an early end —
 is kept and raised as PeerError from the next call of the main thread, so the engine stops at once
-and never reports success on a broken link (ARCHITECTURE.md, invariant 3).
+and never reports success on a broken link (ARCHITECTURE.md, invariant 3). A receiver that sends
+nothing for the channel's stall timeout (not even a KEEPALIVE) is PeerStalled; while this end has
+nothing to send, a Heartbeat sends KEEPALIVE frames so the receiver can tell idle from stalled.
 
 Byte counts: ``sent`` is stream bytes handed to the socket, ``received`` and ``durable`` what the
 receiver acknowledged (parsed; flushed and synced). The engine counts what is not yet durable in
@@ -15,15 +18,12 @@ its pending estimate; the link rate is measured on ``received``.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
-from blocktrack.errors import PeerError, StreamError
-from blocktrack.transport import parse_host_port
+from blocktrack.errors import PeerError, PeerStalled, StreamError
+from blocktrack.transport import Heartbeat
 from blocktrack.wire import control as C
-
-_SOCKET_BUFFER = 4 << 20
 
 
 class Refused(PeerError):
@@ -35,8 +35,10 @@ class Refused(PeerError):
 
 
 class ReceiverLink:
-    def __init__(self, address: str, hello: C.Hello, *, timeout: float = 30.0):
-        self.address = address
+    def __init__(self, channel, hello: C.Hello):
+        """``channel``: a connected, authenticated transport.Channel (TCP, TLS or ssh); ours to close."""
+        self.channel = channel
+        self.address = channel.name
         self.hello = hello
         self.nchunks = hello.nchunks
         self.sent = 0
@@ -46,18 +48,8 @@ class ReceiverLink:
         self.error: BaseException | None = None
         self._closing = False
         self._cond = threading.Condition()
-        host, port = parse_host_port(address)
+        self._heartbeat = None
         try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise PeerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
-        try:
-            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                try:
-                    self.sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-                except OSError:
-                    pass
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._send(C.encode_hello(hello))
             kind, body = self._read_message(C.ACCEPT_HEAD.size + C.bitmap_bytes(self.nchunks))
             if kind == C.REFUSE:
@@ -69,14 +61,16 @@ class ReceiverLink:
             try:
                 self.accept = C.decode_accept(body, self.nchunks)
             except StreamError as exc:
-                raise PeerError(f"bad handshake answer from {address}: {exc}") from None
+                raise PeerError(f"bad handshake answer from {self.address}: {exc}") from None
             if self.accept.target_size < hello.size:
                 raise PeerError(f"the receiver accepted a target of {self.accept.target_size} bytes for a "
                                 f"{hello.size}-byte device")
-            self.sock.settimeout(None)
         except BaseException:
-            self.sock.close()
+            channel.close()
             raise
+        if channel.stall_timeout:
+            # Between passes, or while the receiver digests, this end may send nothing for a while.
+            self._heartbeat = Heartbeat(channel, C.frame_header(C.FRAME_KEEPALIVE, 0), channel.stall_timeout / 3)
         self._reader = threading.Thread(target=self._read_replies, name="migrate-acks", daemon=True)
         self._reader.start()
 
@@ -84,7 +78,7 @@ class ReceiverLink:
 
     @property
     def name(self) -> str:
-        return f"tcp:{self.address}"
+        return self.address
 
     def write(self, buf) -> None:
         self.check()
@@ -125,37 +119,32 @@ class ReceiverLink:
 
     def close(self) -> None:
         self._closing = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self._reader.join(5)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        # FIN after the verdict, then let the reader take whatever the receiver still sends until it
+        # closes: closing with unread input would reset the connection and could drop the verdict.
+        self.channel.end_output()
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(5)
+        self.channel.shutdown()
+        if reader is not None:
+            reader.join(5)
+        self.channel.close()
 
     # -- internals --------------------------------------------------------------------------------
 
     def _send(self, *buffers) -> None:
         try:
-            views = [memoryview(b).cast("B") for b in buffers]
-            while views:
-                sent = self.sock.sendmsg(views)
-                while views and sent >= views[0].nbytes:
-                    sent -= views[0].nbytes
-                    views.pop(0)
-                if views and sent:
-                    views[0] = views[0][sent:]
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
-            self._fail_from_send(exc)
-        except OSError as exc:
-            self._fail_from_send(exc)
-
-    def _fail_from_send(self, exc: OSError):
-        # The reader thread may know why (an ERROR message came first): prefer its story.
-        self._reader_settle()
-        if self.error is not None:
-            raise self.error
-        raise PeerError(f"{self.name}: connection lost while sending ({exc.strerror or exc}); "
-                        "the receiver went away") from None
+            self.channel.sendall(*buffers)
+        except PeerStalled:
+            raise
+        except PeerError as exc:
+            # The reader thread may know why (an ERROR message came first): prefer its story.
+            self._reader_settle()
+            if self.error is not None:
+                raise self.error from None
+            raise PeerError(f"{exc}; the receiver went away") from None
 
     def _reader_settle(self) -> None:
         reader = getattr(self, "_reader", None)
@@ -167,7 +156,7 @@ class ReceiverLink:
         view = memoryview(buf)
         got = 0
         while got < n:
-            k = self.sock.recv_into(view[got:])
+            k = self.channel.recv_into(view[got:])
             if k == 0:
                 raise EOFError(got)
             got += k
@@ -180,11 +169,6 @@ class ReceiverLink:
             body = self._recv_exact(length) if length else b""
         except EOFError:
             raise PeerError(f"{self.address} closed the connection") from None
-        except socket.timeout:
-            raise PeerError(f"{self.address} did not answer the migration handshake") from None
-        except (ConnectionResetError, ConnectionAbortedError):
-            raise PeerError(f"the receiver at {self.address} reset the connection before the migration "
-                            "completed") from None
         except StreamError as exc:
             raise PeerError(f"{self.address}: {exc}") from None
         return kind, body
@@ -194,6 +178,8 @@ class ReceiverLink:
         while True:
             try:
                 kind, body = self._read_message(limit)
+                if kind == C.KEEPALIVE:
+                    continue
                 if kind == C.ACK:
                     received, durable = C.decode_ack(body)
                     with self._cond:

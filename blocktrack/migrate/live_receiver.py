@@ -10,7 +10,11 @@ The wall (receiver.py, invariant 4) stands as before — every block record pass
 3. the target is at least as large as the device (else REFUSE "size"): a smaller target would lose
    the device's tail, so nothing is written at all;
 4. a resume (flag RESUME) names the migration id this target already belongs to (else REFUSE
-   "migration id"): a target half-written by migration A is never continued by migration B.
+   "migration id"): a target half-written by migration A is never continued by migration B;
+5. no other stream is writing the target (an exclusive flock on it, receiver.lock_target; else
+   REFUSE "target").
+
+All of it after the transport authenticated the sender (secure.py): TLS, a pre-shared key, or ssh.
 
 Then, only inside the device's size: records are written as they arrive (O_DIRECT, several in
 flight). ACKs go back as the stream is parsed (``received``) and, after a flush and sync, as it is
@@ -30,56 +34,61 @@ which chunks are there, and the error says to resume.
 
 from __future__ import annotations
 
-import socket
+import os
 import time
 from pathlib import Path
 
 from blocktrack.dirtymap import DirtyMap
-from blocktrack.errors import BlocktrackError, DeviceError, PeerError, StreamError, StreamTruncated, UsageError
+from blocktrack.errors import (BlocktrackError, DeviceError, PeerError, PeerStalled, StreamError, StreamTruncated,
+                               UsageError)
 from blocktrack.kernel.blockdev import device_size
 from blocktrack.migrate.failures import VerifyError
-from blocktrack.migrate.receiver import _Target, apply_block
+from blocktrack.migrate.receiver import _Target, apply_block, lock_target
 from blocktrack.migrate.savedstate import TargetState, make_folder, target_folder
 from blocktrack.migrate.sender import DeviceSpec
 from blocktrack.migrate.verify import digest_chunks
+from blocktrack.transport import Heartbeat
 from blocktrack.wire import CHUNK_SIZE, StreamReader
 from blocktrack.wire import control as C
 
 DURABLE_EVERY = 8 << 20
-HANDSHAKE_TIMEOUT = 60.0
 _RESUME_HINT = "the target holds whole chunks only; run `blocktrack migrate ... --resume` against a receiver " \
                "with the same --device to continue"
 
 
 class _Connection:
-    """Exact reads and writes on the socket, counting connection bytes (for error offsets)."""
+    """Exact reads and whole-message writes on the channel, counting connection bytes (for error offsets)."""
 
-    def __init__(self, sock: socket.socket, consumed: int):
-        self.sock = sock
+    def __init__(self, channel, consumed: int):
+        self.channel = channel
         self.offset = consumed
+
+    def recv_into(self, view) -> int:
+        try:
+            got = self.channel.recv_into(view)
+        except PeerStalled as exc:
+            raise PeerStalled(f"the sender stalled: {exc}") from None
+        self.offset += got
+        return got
 
     def recv_exact(self, n: int, what: str) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
-            try:
-                k = self.sock.recv_into(view[got:])
-            except (ConnectionResetError, ConnectionAbortedError):
-                raise PeerError("the sender reset the connection " + what) from None
-            except socket.timeout:
-                raise PeerError(f"the sender sent nothing for {HANDSHAKE_TIMEOUT:.0f} s {what}") from None
+            k = self.recv_into(view[got:])
             if k == 0:
                 raise StreamTruncated(f"the connection ended {what} ({got} of {n} bytes)", self.offset)
             got += k
-            self.offset += k
         return bytes(buf)
 
     def send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            raise PeerError("the sender went away (connection lost while answering it)") from None
+            self.channel.sendall(data)
+        except PeerStalled:
+            raise
+        except PeerError as exc:
+            raise PeerError(f"the sender went away (connection lost while answering it: {exc})") from None
 
 
 class FramedSource:
@@ -102,6 +111,8 @@ class FramedSource:
                 self.eof = True  # the reader reports where the stream stopped
                 return 0
             kind, length = C.decode_frame_header(head, start)
+            if kind == C.FRAME_KEEPALIVE:
+                continue
             if kind == C.FRAME_END:
                 self.ended = True
                 return 0
@@ -109,32 +120,33 @@ class FramedSource:
                 raise StreamError("verdict frame before the end of the migration stream", start)
             self.remaining = length
         view = memoryview(buf).cast("B")[:self.remaining]
-        try:
-            got = self.conn.sock.recv_into(view)
-        except (ConnectionResetError, ConnectionAbortedError):
-            raise PeerError("the sender reset the connection in the middle of the stream") from None
+        got = self.conn.recv_into(view)
         if got == 0:
             self.eof = True
             return 0
-        self.conn.offset += got
         self.remaining -= got
         return got
 
     def read_verdict(self) -> tuple[int, str]:
-        start = self.conn.offset
-        head = self.conn.recv_exact(C.FRAME.size, "before the sender's verdict")
-        kind, length = C.decode_frame_header(head, start)
+        while True:
+            start = self.conn.offset
+            head = self.conn.recv_exact(C.FRAME.size, "before the sender's verdict")
+            kind, length = C.decode_frame_header(head, start)
+            if kind != C.FRAME_KEEPALIVE:
+                break
         if kind != C.FRAME_VERDICT:
             raise StreamError(f"expected the sender's verdict, got frame type {kind}", start)
         return C.decode_verdict(self.conn.recv_exact(length, "inside the sender's verdict"))
 
 
-def serve_migration(sock: socket.socket, head: bytes, specs: list[DeviceSpec], *, state_root: Path,
+def serve_migration(channel, head: bytes, specs: list[DeviceSpec], *, state_root: Path,
                     progress=None, depth: int = 8) -> dict:
-    """Run one migration connection whose first bytes ``head`` (the 8-byte magic) were read."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(HANDSHAKE_TIMEOUT)
-    conn = _Connection(sock, len(head))
+    """Run one migration connection whose first bytes ``head`` (the 8-byte magic) were read.
+
+    ``channel`` is a connected, authenticated transport.Channel (TCP, TLS, or stdin/stdout under
+    ssh); its stall timeout bounds every wait, and a Heartbeat answers KEEPALIVE while this end is
+    busy (flushing, digesting) so the sender can tell busy from stalled."""
+    conn = _Connection(channel, len(head))
     hello, name_len = C.decode_hello_head(head + conn.recv_exact(C.HELLO.size - len(head), "inside the handshake"))
     hello = C.decode_hello_name(hello, conn.recv_exact(name_len, "inside the handshake's device name"))
 
@@ -164,6 +176,19 @@ def serve_migration(sock: socket.socket, head: bytes, specs: list[DeviceSpec], *
         refuse(C.REFUSE_SIZE, f"target {spec.path} has {target_size} bytes, smaller than the {hello.size}-byte "
                               f"device {hello.device!r}: nothing was written", DeviceError)
 
+    # One stream per target at a time: a second sender (or a second receiver on the same target)
+    # would interleave writes with the first and both would "verify" their own chunks.
+    try:
+        target_lock = lock_target(spec.path)
+    except DeviceError as exc:
+        refuse(C.REFUSE_TARGET, str(exc), DeviceError)
+    try:
+        return _serve_locked(conn, hello, spec, target_size, refuse, state_root, progress, depth)
+    finally:
+        os.close(target_lock)
+
+
+def _serve_locked(conn, hello, spec, target_size, refuse, state_root, progress, depth) -> dict:
     folder = make_folder(target_folder(state_root, spec.path))
     mid = hello.migration_id.hex()
     saved = TargetState.load(folder)
@@ -192,14 +217,18 @@ def serve_migration(sock: socket.socket, head: bytes, specs: list[DeviceSpec], *
         target = _Target(spec, depth, hello.chunk_size)
     except BlocktrackError as exc:
         refuse(C.REFUSE_TARGET, str(exc), UsageError if isinstance(exc, UsageError) else DeviceError)
+    heartbeat = None
     try:
         conn.send(C.encode_accept(target_size, hello.nchunks, held.ranges()))
-        sock.settimeout(None)
+        if conn.channel.stall_timeout:
+            heartbeat = Heartbeat(conn.channel, C.reply(C.KEEPALIVE), conn.channel.stall_timeout / 3)
         if progress is not None:
             progress.event("migration", migration_id=mid, device=hello.device, target=spec.path, size=hello.size,
                            resume=hello.resume, attempt=hello.attempt, held_chunks=held.count())
         return _receive(conn, hello, target, held, state, folder, progress)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         try:
             target.writer.close()
         except BlocktrackError:

@@ -10,6 +10,9 @@ first, in this order, so a bad stream stops *before* the write it would have cau
    and any bytes that fall past the target's end are zero: a non-zero byte there means the source is
    larger than the target, and writing the rest would silently drop data.
 
+Each target is locked (lock_target, an exclusive flock) for the whole stream: a second concurrent
+stream to the same target is refused before it writes anything.
+
 Writes go through ChunkWriter (O_DIRECT, several in flight). Success — exit 0 — only after the stream
 reached its proper end and every write was flushed and synced.
 
@@ -19,12 +22,14 @@ Checks 3 and 4 and the write itself are ``apply_block``, which the live-migratio
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from contextlib import ExitStack
 
 from blocktrack.directio import CHUNK_SIZE, ChunkWriter, is_zero
 from blocktrack.dirtymap import DirtyMap
-from blocktrack.errors import BlocktrackError, StreamError, UsageError
+from blocktrack.errors import BlocktrackError, DeviceError, StreamError, UsageError
 from blocktrack.migrate.sender import DeviceSpec, TransferSummary, unique_names
 from blocktrack.wire import SECTOR_SIZE, StreamReader
 
@@ -55,6 +60,7 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
     with ExitStack() as cleanup:
         targets: dict[str, _Target] = {}
         for spec in specs:
+            cleanup.callback(os.close, lock_target(spec.path))
             target = _Target(spec, depth, chunk_size)
             cleanup.callback(_close_quietly, target.writer)
             targets[spec.name] = target
@@ -129,6 +135,26 @@ def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
                 record.offset, record.device)
         target.writer.submit(token, offset, length)
     return offset, length
+
+
+def lock_target(path: str) -> int:
+    """Take the target's exclusive lock for one stream; return the fd that holds it (close to drop).
+
+    An flock on the target itself (the device node, or the image file): every path to the same
+    node (/dev/VG/LV and /dev/dm-N are symlinks to one node) meets the same lock, it needs no
+    lock folder, and the kernel drops it when the receiver dies, so a crash never leaves a stale
+    lock behind. It keeps out a second `blocktrack receive` only, not other programs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot open target {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DeviceError(f"target {path} is busy: another blocktrack receive is writing it (a second "
+                          "concurrent stream to one target is refused)") from None
+    return fd
 
 
 def _close_quietly(writer) -> None:

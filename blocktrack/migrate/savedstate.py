@@ -223,3 +223,10 @@ class TargetState:
     def save(self, folder: Path) -> None:
         self.updated = time.time()
         write_json_atomically(self.path_in(folder), asdict(self))
+
+
+def recorded_migrations(root: Path) -> tuple[list[SourceState], list[TargetState]]:
+    """Every migration recorded under ``root`` (the migrations folder): sources, then targets."""
+    sources = [s for s in (SourceState.load(f) for f in sorted((root / "source").glob("*")) if f.is_dir()) if s]
+    targets = [t for t in (TargetState.load(f) for f in sorted((root / "target").glob("*")) if f.is_dir()) if t]
+    return sources, targets

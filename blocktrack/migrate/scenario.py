@@ -146,20 +146,26 @@ def sha256(path, size: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def start_receiver(target_specs: list[str], state_dir: Path, *extra) -> tuple[JsonProcess, int]:
+# Loopback plain TCP still needs --insecure: the rule is the same everywhere, so no test depends on
+# an exception for 127.0.0.1. Tests of TLS and PSK pass their own ``auth``.
+INSECURE = ("--insecure",)
+
+
+def start_receiver(target_specs: list[str], state_dir: Path, *extra,
+                   auth: tuple = INSECURE) -> tuple[JsonProcess, int]:
     """``blocktrack receive --listen 127.0.0.1:0 --device ...``; returns it and its port."""
-    args = ["receive", "--listen", "127.0.0.1:0", "--json"]
+    args = ["receive", "--listen", "127.0.0.1:0", "--json", *auth]
     for spec in target_specs:
         args += ["--device", spec]
     proc = JsonProcess(blocktrack_argv(*args, *extra), tool_env(state_dir), name="receive")
     return proc, proc.wait_event("listening")["port"]
 
 
-def start_migrate(device, to, serve_socket, state_dir: Path, *extra) -> JsonProcess:
+def start_migrate(device, to, serve_socket, state_dir: Path, *extra, auth: tuple = INSECURE) -> JsonProcess:
     """``blocktrack migrate DEVICE --to TO`` (a port number means 127.0.0.1:PORT)."""
     address = f"127.0.0.1:{to}" if isinstance(to, int) else str(to)
     return JsonProcess(blocktrack_argv("migrate", device, "--to", address, "--serve-socket", serve_socket,
-                                       "--json", *extra), tool_env(state_dir), name="migrate")
+                                       "--json", *auth, *extra), tool_env(state_dir), name="migrate")
 
 
 def start_writer(serve_socket, rate: float, *, seed: int = 1, max_write: int = 256 << 10) -> JsonProcess:
@@ -193,18 +199,19 @@ class LiveResult:
 
 
 def live_migration(source, target, workdir: Path, *, writer_rate: float, rate_limit: int | None,
-                   extra=(), retire: bool = True, seed: int = 1, on_event=None, compare: bool = True) -> LiveResult:
+                   extra=(), retire: bool = True, seed: int = 1, on_event=None, compare: bool = True,
+                   auth: tuple = INSECURE) -> LiveResult:
     """Serve ``source`` with the NBD backend to a writer dirtying ``writer_rate`` bytes/s, migrate it to
     ``target`` over loopback TCP, and after a verified cutover hash both (the source is frozen; skip with
     ``compare=False``) and release it (``retire``: refuse the held writes). ``on_event`` sees every
-    migrate event as it comes."""
+    migrate event as it comes. ``auth``: the security options of both ends (default --insecure)."""
     workdir = Path(workdir)
     state = workdir / "state"
     sock = workdir / "nbd.sock"
     name = Path(source).name
-    receiver, port = start_receiver([f"{name}={target}"], state)
+    receiver, port = start_receiver([f"{name}={target}"], state, auth=auth)
     args = list(extra) + (["--rate-limit", str(rate_limit)] if rate_limit else [])
-    migrate = start_migrate(source, port, sock, state, *args)
+    migrate = start_migrate(source, port, sock, state, *args, auth=auth)
     writer = None
     try:
         migrate.wait_event(lambda e: e.get("event") in ("serving", "error"))

@@ -1,7 +1,8 @@
 """Byte layouts of blocktrack's live-migration control protocol, around the block-migration stream.
 
-``blocktrack migrate`` talks to ``blocktrack receive`` over one TCP connection. The QEMU stream
-(layout.py) is its payload; this module holds everything else on that connection, and the JSON
+``blocktrack migrate`` talks to ``blocktrack receive`` over one connection (TCP, TLS, or the pipes
+of an ssh process: blocktrack.secure). The QEMU stream (layout.py) is its payload; this module holds
+everything else on that connection (and the pre-shared-key exchange that may precede it), and the JSON
 lines of the local control socket that ``blocktrack release`` uses. Pure codecs, no I/O: callers
 read exactly the lengths these headers announce. All integers are big-endian.
 
@@ -20,7 +21,7 @@ our last byte 0xff sets flag bits 0xf0, which no record may carry, so no valid b
 with HELLO_MAGIC::
 
     0   8  magic          b"BTMIGRT\\xff"
-    8   2  version        1
+    8   2  version        2 (1 had no keep-alives)
     10  2  flags          0x1 RESUME (continue migration <id>), 0x2 VERIFY_FULL (digest every chunk)
     12  16 migration id   random, chosen by the sender when the migration starts, kept on resume
     28  8  device size    bytes of the source device
@@ -31,11 +32,13 @@ with HELLO_MAGIC::
 
 Sender frames (5-byte header, then the payload)::
 
-    0   1  type           1 DATA, 2 END, 3 VERDICT
-    1   4  length         payload bytes: DATA 1..MAX_DATA_FRAME, END 0, VERDICT 1..4097
+    0   1  type           1 DATA, 2 END, 3 VERDICT, 4 KEEPALIVE
+    1   4  length         payload bytes: DATA 1..MAX_DATA_FRAME, END 0, VERDICT 1..4097, KEEPALIVE 0
     DATA                  the next bytes of the migration stream
     END                   the stream is complete: the receiver's stream reader sees its end here
     VERDICT               u8 result (0 VERIFIED, 1 MISMATCH, 2 FAILED), then a UTF-8 message
+    KEEPALIVE             nothing: sent when the sender has sent nothing for a third of its stall
+                          timeout, so the receiver can tell an idle sender from a stalled one
 
 Framing is what lets the sender say "end of stream" and still talk afterwards: the stream reader
 needs an end of input, and a half-closed socket could not carry the verdict.
@@ -43,7 +46,8 @@ needs an end of input, and a half-closed socket could not carry the verdict.
 Receiver messages (9-byte header, then the payload)::
 
     0   4  magic          b"BTRV"
-    4   1  type           1 ACCEPT, 2 REFUSE, 3 ACK, 4 RESULT, 5 ERROR
+    4   1  type           1 ACCEPT, 2 REFUSE, 3 ACK, 4 RESULT, 5 ERROR, 6 KEEPALIVE (no payload; as the
+                          sender's, while the receiver is busy, e.g. digesting the target)
     5   4  length         payload bytes
     ACCEPT  be64 target size, be64 nchunks, be64 chunks held, then ceil(nchunks / 8) bytes: bit i
             (byte i >> 3, bit i & 7) set when chunk i of this migration is on the target's stable
@@ -68,7 +72,7 @@ from dataclasses import dataclass
 
 from blocktrack.errors import StreamError
 
-VERSION = 1
+VERSION = 2  # 2: keep-alive frames and messages (a version-1 peer would fail on them)
 HELLO_MAGIC = b"BTMIGRT\xff"
 HELLO = struct.Struct(">8sHH16sQIIB")
 FLAG_RESUME = 0x1
@@ -78,7 +82,7 @@ MIGRATION_ID_LEN = 16
 MAX_NAME_LEN = 255
 
 FRAME = struct.Struct(">BI")
-FRAME_DATA, FRAME_END, FRAME_VERDICT = 1, 2, 3
+FRAME_DATA, FRAME_END, FRAME_VERDICT, FRAME_KEEPALIVE = 1, 2, 3, 4
 MAX_DATA_FRAME = 16 << 20
 MAX_MESSAGE = 4096
 VERDICT_VERIFIED, VERDICT_MISMATCH, VERDICT_FAILED = 0, 1, 2
@@ -86,8 +90,9 @@ VERDICT_NAMES = {VERDICT_VERIFIED: "verified", VERDICT_MISMATCH: "mismatch", VER
 
 REPLY_MAGIC = b"BTRV"
 REPLY = struct.Struct(">4sBI")
-ACCEPT, REFUSE, ACK, RESULT, ERROR = 1, 2, 3, 4, 5
-REPLY_NAMES = {ACCEPT: "ACCEPT", REFUSE: "REFUSE", ACK: "ACK", RESULT: "RESULT", ERROR: "ERROR"}
+ACCEPT, REFUSE, ACK, RESULT, ERROR, KEEPALIVE = 1, 2, 3, 4, 5, 6
+REPLY_NAMES = {ACCEPT: "ACCEPT", REFUSE: "REFUSE", ACK: "ACK", RESULT: "RESULT", ERROR: "ERROR",
+               KEEPALIVE: "KEEPALIVE"}
 
 ACCEPT_HEAD = struct.Struct(">QQQ")
 REFUSE_HEAD = struct.Struct(">H")
@@ -193,9 +198,10 @@ def decode_frame_header(raw: bytes, offset: int) -> tuple[int, int]:
     if kind == FRAME_DATA:
         if not 1 <= length <= MAX_DATA_FRAME:
             raise StreamError(f"data frame of {length} bytes", offset)
-    elif kind == FRAME_END:
+    elif kind in (FRAME_END, FRAME_KEEPALIVE):
         if length:
-            raise StreamError(f"end frame with {length} bytes of payload", offset)
+            raise StreamError(f"{'end' if kind == FRAME_END else 'keep-alive'} frame with {length} bytes of "
+                              "payload", offset)
     elif kind == FRAME_VERDICT:
         if not 1 <= length <= MAX_MESSAGE + 1:
             raise StreamError(f"verdict frame of {length} bytes", offset)
@@ -230,7 +236,8 @@ def decode_reply_header(raw: bytes, max_length: int) -> tuple[int, int]:
         raise StreamError(f"the peer is not a blocktrack receiver (reply magic {magic!r})")
     if kind not in REPLY_NAMES:
         raise StreamError(f"unknown receiver message type {kind}")
-    limit = {ACK: ACK_BODY.size, REFUSE: REFUSE_HEAD.size + MAX_MESSAGE, ERROR: MAX_MESSAGE}.get(kind, max_length)
+    limit = {ACK: ACK_BODY.size, REFUSE: REFUSE_HEAD.size + MAX_MESSAGE, ERROR: MAX_MESSAGE,
+             KEEPALIVE: 0}.get(kind, max_length)
     if length > limit:
         raise StreamError(f"receiver {REPLY_NAMES[kind]} message of {length} bytes (at most {limit})")
     return kind, length
@@ -366,3 +373,35 @@ def decode_control(line: bytes) -> dict:
     if not isinstance(obj, dict):
         raise StreamError("control message is not a JSON object")
     return obj
+
+
+# -- pre-shared-key authentication (blocktrack.secure) -----------------------------------------------
+#
+# With --psk-file, right after the TLS handshake and before HELLO (or a plain stream's first byte),
+# inside TLS. Python's ssl module has no TLS-PSK before 3.13, so TLS runs with a throw-away server
+# certificate the client does not verify, and both ends prove they hold the key by an HMAC-SHA256
+# bound to that certificate (a man in the middle presents its own certificate, so the proofs it
+# relays name the wrong one)::
+#
+#     receiver → sender   CHALLENGE   0 8 magic b"BTPSK\x00\x00\x01", 8 32 receiver nonce
+#     sender → receiver   PROOF       0 8 magic, 8 32 sender nonce, 40 32 HMAC(key, "client" label,
+#                                     receiver nonce, sender nonce, SHA-256 of the certificate's DER)
+#     receiver → sender   VERDICT     0 8 magic, 8 1 status (0 accepted, 1 refused), 9 32 HMAC(key,
+#                                     "server" label, the same fields; zeros when refused)
+
+PSK_MAGIC = b"BTPSK\x00\x00\x01"
+PSK_NONCE_LEN = 32
+PSK_CHALLENGE = struct.Struct(">8s32s")
+PSK_PROOF = struct.Struct(">8s32s32s")
+PSK_VERDICT = struct.Struct(">8sB32s")
+PSK_ACCEPTED, PSK_REFUSED = 0, 1
+PSK_LABEL_CLIENT = b"blocktrack psk v1 client"
+PSK_LABEL_SERVER = b"blocktrack psk v1 server"
+
+
+def decode_psk(layout: struct.Struct, raw: bytes) -> tuple:
+    fields = layout.unpack(raw)
+    if fields[0] != PSK_MAGIC:
+        raise StreamError("the peer does not speak blocktrack's pre-shared-key authentication "
+                          f"(magic {fields[0]!r}; is it using --tls-cert or --insecure?)")
+    return fields[1:]

@@ -129,14 +129,14 @@ def test_wire_names(device, name):
 def test_cli_errors(tmp_path, monkeypatch):
     image = write_image(tmp_path / "src.img", MiB, seed=32)
     monkeypatch.setenv("BLOCKTRACK_STATE_DIR", str(tmp_path / "state"))
-    resumed = run_blocktrack("migrate", image, "--to", "127.0.0.1:1", "--resume", text=True)
+    resumed = run_blocktrack("migrate", image, "--to", "127.0.0.1:1", "--insecure", "--resume", text=True)
     assert resumed.returncode == 2 and "no migration" in resumed.stderr, resumed.stderr
     released = run_blocktrack("release", image, text=True)
     assert released.returncode == 2 and "no migration" in released.stderr
-    refused = run_blocktrack("migrate", image, "--to", "127.0.0.1:1", "--serve-socket", tmp_path / "s.sock", text=True)
+    refused = run_blocktrack("migrate", image, "--to", "127.0.0.1:1", "--insecure", "--serve-socket", tmp_path / "s.sock", text=True)
     assert refused.returncode == 5 and "cannot connect" in refused.stderr
     # Nothing moved: no migration to resume is left behind, so the same command may simply be retried.
-    again = run_blocktrack("migrate", image, "--to", "127.0.0.1:1", "--serve-socket", tmp_path / "s.sock", text=True)
+    again = run_blocktrack("migrate", image, "--to", "127.0.0.1:1", "--insecure", "--serve-socket", tmp_path / "s.sock", text=True)
     assert again.returncode == 5 and "cannot connect" in again.stderr
     stream = tmp_path / "stream"
     stream.write_bytes(C.encode_hello(C.Hello(os.urandom(16), "d", MiB, MiB)))

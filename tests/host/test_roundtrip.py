@@ -81,11 +81,11 @@ def test_tcp_round_trip(tmp_path, envelope):
     pairs = _images(tmp_path, count=1)
     (name, src, dst), = pairs
     receiver = spawn_blocktrack("receive", "--listen", "127.0.0.1:0", "--device", f"{name}={dst}", "--json",
-                                text=True)
+                                "--insecure", text=True)
     listening = json.loads(receiver.stdout.readline())
     assert listening["event"] == "listening"
     sent = run_blocktrack("send", "--device", f"{name}={src}", "--to", f"127.0.0.1:{listening['port']}",
-                          "--envelope", envelope, "--zero-blocks", text=True)
+                          "--envelope", envelope, "--zero-blocks", "--insecure", text=True)
     out, err = receiver.communicate(timeout=60)
     assert sent.returncode == 0, sent.stderr
     assert receiver.returncode == 0, err

@@ -417,6 +417,7 @@ class Options:
     cpu_model: str = os.environ.get("BLOCKTRACK_LAB_CPU", "")
     settle: bool = True               # wait for udev's coldplug before the command starts
     disk_cache: str = "none"          # qemu -drive cache= (O_DIRECT on the host)
+    disk_dir: str | None = None       # keep the disk images here across boots (a reboot), else blank ones
 
 
 _live: set[subprocess.Popen] = set()
@@ -615,10 +616,14 @@ def run_lab(opts: Options) -> int:
         share = Path(tmp) / "share"
         share.mkdir()
         disks = []
+        disk_dir = Path(opts.disk_dir) if opts.disk_dir else Path(tmp)
+        disk_dir.mkdir(parents=True, exist_ok=True)
         for i in range(opts.disks):
-            disk = Path(tmp) / f"disk{i}.img"
-            with open(disk, "wb") as f:
-                f.truncate(opts.disk_size)
+            disk = disk_dir / f"disk{i}.img"
+            # A kept disk (--disk-dir) is reused as the last boot left it: the next boot is a reboot.
+            if not (opts.disk_dir and disk.exists()):
+                with open(disk, "wb") as f:
+                    f.truncate(opts.disk_size)
             disks.append(disk)
         if disks and not _supports_o_direct(disks[0]):
             opts.disk_cache = "writeback"          # e.g. a tmpfs: qemu's cache=none needs O_DIRECT
@@ -796,6 +801,8 @@ def add_run_options(p: argparse.ArgumentParser, timeout: float | None) -> None:
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--cwd", default=os.getcwd(), help="guest working directory (default: the current one)")
     p.add_argument("--results", help="host folder to copy the guest's $BLOCKTRACK_LAB_OUT and dmesg.txt into")
+    p.add_argument("--disk-dir", help="keep the disk images in this folder and reuse them if they exist "
+                                      "(two runs with the same folder are a reboot); default: blank, removed")
     p.add_argument("--accel", default=os.environ.get("BLOCKTRACK_LAB_ACCEL", "tcg"),
                    help="qemu accelerator (default tcg; kvm hung at boot on our hosts)")
     p.add_argument("--loglevel", type=int, default=2,
@@ -806,7 +813,8 @@ def add_run_options(p: argparse.ArgumentParser, timeout: float | None) -> None:
 def options_from(args, mode: str, command: str) -> Options:
     return Options(mode=mode, command=command, timeout=args.timeout, disks=args.disks, disk_size=args.disk_size,
                    memory_mib=args.memory, cpus=args.cpus, cwd=os.path.abspath(args.cwd), results=args.results,
-                   verbose=args.verbose, accel=args.accel, console_loglevel=args.loglevel)
+                   verbose=args.verbose, accel=args.accel, console_loglevel=args.loglevel,
+                   disk_dir=os.path.abspath(args.disk_dir) if args.disk_dir else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -876,11 +884,13 @@ def kernel_test_command(extra: list[str]) -> str:
     # No plugin autoload: importing hypothesis' pytest plugin alone takes ~25 s under TCG (0.8 s here).
     # Tests that want a plugin name it (pytest_plugins in their conftest, or PYTEST_ARGS='-p NAME').
     args = ["env", "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1",
-            py, "-m", "pytest", "tests/kernel", "-v", "-rfEx", "--durations=0", "-p", "no:cacheprovider"]
+            py, "-m", "pytest", "-v", "-rfEx", "--durations=0", "-p", "no:cacheprovider"]
     if subprocess.run([py, "-c", "import pytest_timeout"], stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL).returncode == 0:
         args += ["-p", "pytest_timeout", "--timeout=600"]
-    args += ["--junitxml=/run/lab/results/junit-kernel.xml", *extra]
+    # PYTEST_ARGS naming test files or node ids narrow the run; otherwise all of tests/kernel runs.
+    named = [a for a in extra if a.startswith("tests/")]
+    args += ["--junitxml=/run/lab/results/junit-kernel.xml", *extra, *([] if named else ["tests/kernel"])]
     return shlex.join(args)
 
 
