@@ -28,10 +28,10 @@ import errno
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from typing import Iterator
 
+from blocktrack.atomicfile import atomic_write
 from blocktrack._native import ffi, lib
 from blocktrack.errors import BlocktrackError, check
 
@@ -182,33 +182,7 @@ class DirtyMap:
         path = os.fspath(path)
         body = _HEADER.pack(MAGIC, VERSION, 0, self.chunk_size, self.nchunks) + self._words()
         data = body + _CRC.pack(zlib.crc32(body))
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        except OSError as e:
-            check(-(e.errno or 5), "create temporary dirty map file", directory)
-            raise
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            _unlink_quietly(tmp)
-            check(-(e.errno or 5), "save dirty map", path)
-            raise
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+        atomic_write(path, data, mode=0o600, what="save dirty map")
 
     @classmethod
     def load(cls, path) -> "DirtyMap":
@@ -255,10 +229,3 @@ def _byteswap_words(data: bytes) -> bytes:
     a = array.array("Q", data)
     a.byteswap()
     return a.tobytes()
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

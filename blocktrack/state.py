@@ -19,10 +19,10 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from blocktrack.errors import StateError, check
+from blocktrack.atomicfile import atomic_write, fsync_dir  # noqa: F401  (re-exported for the backends)
+from blocktrack.errors import StateError
 
 DEFAULT_STATE_DIR = "/var/lib/blocktrack"
 ENV_VAR = "BLOCKTRACK_STATE_DIR"
@@ -30,42 +30,6 @@ ENV_VAR = "BLOCKTRACK_STATE_DIR"
 
 def resolve(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(ENV_VAR) or DEFAULT_STATE_DIR)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file + fsync + rename + fsync of the folder."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    except OSError as e:
-        check(-(e.errno or 5), "create a temporary state file", directory)
-        raise
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(directory)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            check(-(exc.errno or 5), "write state file", path)
-        raise
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class StateDir:

@@ -381,6 +381,22 @@ class Backend(ABC):
         }
         raise TrackingError(f"{self.device}: {hints[state]}")
 
+    def swap_in_tracking_table(self, dev_name: str, tracking: str, original: str, undo: UndoStack) -> None:
+        """Make ``tracking`` the device's live table: recorded first, loaded (the target's constructor runs
+        here and may refuse), then one suspend/resume without a filesystem freeze -- writes in flight
+        finish on the old table, which maps the same blocks as the hidden device under the new one."""
+        self.record["tracking_table"] = tracking
+        self.save()
+        dm.load(dev_name, tracking)
+        undo.push(f"restore the table of {dev_name}", lambda: dm.restore_table(dev_name, original))
+        fault_point("enroll.after-load")
+        dm.suspend(dev_name, lockfs=False)
+        fault_point("enroll.after-suspend")
+        dm.resume(dev_name)
+        fault_point("enroll.after-resume")
+        if dm.table(dev_name) != tracking:
+            raise DeviceError(f"{dev_name}: the table in force after the swap is not the one loaded")
+
     def validate_since(self, since: int | None) -> int:
         if since is None:
             return self.record["checkpoint"]

@@ -159,17 +159,7 @@ class EraBackend(Backend):
 
         meta_devno = self._devno(self.era["metadata"])
         tracking = self._tracking_table(meta_devno, hidden_dev.devno)
-        self.record["tracking_table"] = tracking
-        self.save()
-        dm.load(dev_name, tracking)                   # dm-era opens (or formats) its metadata here
-        undo.push(f"restore the table of {dev_name}", lambda: dm.restore_table(dev_name, original))
-        fault_point("enroll.after-load")
-        dm.suspend(dev_name, lockfs=False)
-        fault_point("enroll.after-suspend")
-        dm.resume(dev_name)
-        fault_point("enroll.after-resume")
-        if dm.table(dev_name) != tracking:
-            raise DeviceError(f"{dev_name}: the table in force after the swap is not the one loaded")
+        self.swap_in_tracking_table(dev_name, tracking, original, undo)   # dm-era opens (or formats) its metadata
 
     def reattach(self, target: Target) -> None:
         original = check_enrollable(target, self.state)

@@ -656,19 +656,8 @@ class NbdBackend(Backend):
             fault_point("enroll.after-server")
 
             tracking = f"0 {sectors} linear {info['nbd_devno']} 0\n"
-            record["tracking_table"] = tracking
-            backend.save()
-            dm.load(dev_name, tracking)                 # device-mapper opens /dev/nbdN here
-            undo.push(f"restore the table of {dev_name}", lambda: dm.restore_table(dev_name, original))
-            fault_point("enroll.after-load")
-            # No filesystem freeze: writes in flight finish on the old table (straight to the PVs, what the
-            # hidden device maps too), every later one goes through the server.
-            dm.suspend(dev_name, lockfs=False)
-            fault_point("enroll.after-suspend")
-            dm.resume(dev_name)
-            fault_point("enroll.after-resume")
-            if dm.table(dev_name) != tracking:
-                raise DeviceError(f"{dev_name}: the table in force after the swap is not the one loaded")
+            # device-mapper opens /dev/nbdN at the load; after the resume every write goes through the server
+            backend.swap_in_tracking_table(dev_name, tracking, original, undo)
             record["phase"] = "enrolled"
             record["first_checkpoint"] = 1
             record["checkpoint"] = 1

@@ -137,17 +137,7 @@ class SnapshotBackend(Backend):
         self.snap["active"] = {"generation": generation, "slot": slot, "name": snap}
 
         tracking = f"0 {self.size // SECTOR} snapshot-origin {hidden_dev.devno}\n"
-        self.record["tracking_table"] = tracking
-        self.save()
-        dm.load(dev_name, tracking)
-        undo.push(f"restore the table of {dev_name}", lambda: dm.restore_table(dev_name, original))
-        fault_point("enroll.after-load")
-        dm.suspend(dev_name, lockfs=False)
-        fault_point("enroll.after-suspend")
-        dm.resume(dev_name)
-        fault_point("enroll.after-resume")
-        if dm.table(dev_name) != tracking:
-            raise DeviceError(f"{dev_name}: the table in force after the swap is not the one loaded")
+        self.swap_in_tracking_table(dev_name, tracking, original, undo)
 
     def reattach(self, target: Target) -> None:
         """After a reboot: the COW volume of the active snapshot still holds its exception table (it is

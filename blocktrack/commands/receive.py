@@ -71,6 +71,11 @@ def register(subparsers) -> None:
                             "--insecure")
     parser.add_argument("--expect-full", action="store_true",
                         help="fail unless every chunk of every target was written (a full copy)")
+    parser.add_argument("--tail-padding", action="store_true",
+                        help="plain streams: treat the bytes of the last chunk past a target's end as padding, "
+                             "as QEMU's own loader does (QEMU 7.2 sends whatever its buffer held there, for a "
+                             "device that is not a whole number of MiB). Without it they must be zero: "
+                             "non-zero bytes there could be data of a source larger than the target")
     parser.add_argument("--depth", type=int, default=8, metavar="N",
                         help="writes kept in flight per target (default 8)")
     parser.add_argument("--state-dir", metavar="DIR",
@@ -153,7 +158,7 @@ def run(args) -> int:
             if progress is None:
                 progress = make_progress(args, "receive", False)
             summary = receive_stream(_Prefixed(head, source), args.device, progress=progress, depth=args.depth,
-                                     expect_full=args.expect_full)
+                                     expect_full=args.expect_full, tail_padding=args.tail_padding)
     finally:
         if progress is not None:
             progress.close()

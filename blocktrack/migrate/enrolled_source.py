@@ -53,8 +53,8 @@ def _merge(into: DirtyMap, other: DirtyMap) -> None:
 class EnrolledSource:
     """TrackedSource over a device enrolled with a kernel backend (see the module docstring)."""
 
-    def __init__(self, device: str, backend: str, state: StateDir, *, enroll_options: dict | None = None,
-                 on_event=None):
+    def __init__(self, device: str, backend: str, state: StateDir | None, *, enroll_options: dict | None = None,
+                 on_event=None, tracker=None):
         self.device = device
         self.backend = backend
         self.state = state
@@ -68,7 +68,15 @@ class EnrolledSource:
         self._frozen = False
         self._refresher: threading.Thread | None = None
         self.refresh_error: BaseException | None = None
-        self._attach()
+        if tracker is None:
+            self._attach()
+        else:
+            self._bind(tracker)
+
+    @classmethod
+    def around(cls, tracker, backend: str, *, on_event=None) -> "EnrolledSource":
+        """A source over a backend already opened (a test's stand-in tracker, say)."""
+        return cls(tracker.record.get("device", "?"), backend, None, on_event=on_event, tracker=tracker)
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -88,6 +96,9 @@ class EnrolledSource:
             if self.on_event is not None:
                 self.on_event("enrolled", {"device": self.device, "backend": self.backend, "event": event,
                                            "checkpoint": tracker.checkpoint})
+        self._bind(tracker)
+
+    def _bind(self, tracker) -> None:
         tracker.require_tracking()
         self.tracker = tracker
         self.size = tracker.size

@@ -45,12 +45,14 @@ class _Target:
 
 
 def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int = 8,
-                   expect_full: bool = False, chunk_size: int = CHUNK_SIZE) -> TransferSummary:
+                   expect_full: bool = False, chunk_size: int = CHUNK_SIZE,
+                   tail_padding: bool = False) -> TransferSummary:
     """Apply the stream read from ``source`` to the mapped targets; return what was written.
 
     With ``expect_full`` the stream must also have written every chunk of every target (a full copy),
     which catches a sender that stopped early (QEMU 7.2's block migration can). ``chunk_size`` is the
-    wire format's 1 MiB except in the fuzzer, which uses small chunks to run fast.
+    wire format's 1 MiB except in the fuzzer, which uses small chunks to run fast. ``tail_padding``:
+    bytes of a chunk past the target's end are padding, not data (see apply_block).
     """
     unique_names(specs)
     if not specs:
@@ -78,7 +80,7 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
                 raise StreamError(
                     f"device {record.device!r} is not mapped on the command line "
                     f"(mapped: {', '.join(sorted(targets))})", record.offset, record.device)
-            offset, length = apply_block(reader, record, target, chunk_size)
+            offset, length = apply_block(reader, record, target, chunk_size, tail_padding=tail_padding)
             target.chunks += 1
             target.written.mark(offset // chunk_size)
             done_bytes += length
@@ -107,11 +109,18 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
 
 
 def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
-                limit: int | None = None) -> tuple[int, int]:
+                limit: int | None = None, tail_padding: bool = False) -> tuple[int, int]:
     """Check one block record against its target and write it (checks 3 and 4 of the docstring).
 
     ``limit`` is the end of the writable range (the target's size unless a migration handshake
     announced a smaller device). Returns the (offset, length) written.
+
+    The chunk that crosses the end of the target: by default its bytes past the end must be zero,
+    since a plain stream does not say how large its source is, and non-zero bytes there may be the
+    data of a source larger than the target (refused, never cut silently). QEMU 7.2's sender fills
+    them with whatever its buffer held (seen in the tests: zeros usually, garbage sometimes) and its
+    own loader ignores them; ``tail_padding`` (receive --tail-padding) does as QEMU's loader does.
+    A migration stream announces its device's size, so this question never arises there.
     """
     limit = target.size if limit is None else min(limit, target.size)
     if record.sector % (chunk_size // SECTOR_SIZE):
@@ -128,7 +137,7 @@ def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
     else:
         token, buf = target.writer.buffer()
         reader.read_payload(buf)
-        if length < chunk_size and not is_zero(buf[length:]):
+        if length < chunk_size and not tail_padding and not is_zero(buf[length:]):
             raise StreamError(
                 f"chunk at sector {record.sector} carries data past the end of target "
                 f"{target.spec.path} ({limit} bytes): the source is larger than the target",

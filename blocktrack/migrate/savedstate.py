@@ -29,11 +29,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from blocktrack.atomicfile import atomic_write
 from blocktrack.dirtymap import DirtyMap
 from blocktrack.errors import UsageError
 
@@ -71,26 +71,7 @@ def make_folder(folder: Path) -> Path:
 
 
 def write_json_atomically(path: Path, obj: dict) -> None:
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), what="save migration state")
 
 
 def read_json(path: Path) -> dict | None:
@@ -119,8 +100,30 @@ def boot_id() -> str:
 RESUMABLE = ("setup", "bulk", "dirty", "cutover", "final", "verify", "interrupted", "failed")
 
 
+class JsonRecord:
+    """load/save of a dataclass as one JSON file in a folder (``path_in``), written atomically; fields
+    a newer version added and this one does not know are ignored."""
+
+    updated: float
+
+    @classmethod
+    def load(cls, folder: Path):
+        obj = read_json(cls.path_in(folder))
+        if obj is None:
+            return None
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in obj.items() if k in known})
+        except TypeError as exc:
+            raise UsageError(f"{cls.path_in(folder)}: {exc}") from None
+
+    def save(self, folder: Path) -> None:
+        self.updated = time.time()
+        write_json_atomically(self.path_in(folder), asdict(self))
+
+
 @dataclass
-class SourceState:
+class SourceState(JsonRecord):
     migration_id: str               # 32 hex digits
     device: str                     # the path given to `migrate`
     name: str                       # the device name on the wire
@@ -149,20 +152,6 @@ class SourceState:
     def path_in(folder: Path) -> Path:
         return folder / "migration.json"
 
-    @classmethod
-    def load(cls, folder: Path) -> "SourceState | None":
-        obj = read_json(cls.path_in(folder))
-        if obj is None:
-            return None
-        known = {f for f in cls.__dataclass_fields__}
-        try:
-            return cls(**{k: v for k, v in obj.items() if k in known})
-        except TypeError as exc:
-            raise UsageError(f"{cls.path_in(folder)}: {exc}") from None
-
-    def save(self, folder: Path) -> None:
-        self.updated = time.time()
-        write_json_atomically(self.path_in(folder), asdict(self))
 
     def dirty_path(self, folder: Path, seq: int | None = None) -> Path:
         return folder / f"dirty-{self.checkpoint_seq if seq is None else seq}.map"
@@ -190,7 +179,7 @@ class SourceState:
 
 
 @dataclass
-class TargetState:
+class TargetState(JsonRecord):
     migration_id: str
     device: str                     # the wire name
     target: str                     # the path written
@@ -209,20 +198,6 @@ class TargetState:
     def held_path(folder: Path) -> Path:
         return folder / "held.map"
 
-    @classmethod
-    def load(cls, folder: Path) -> "TargetState | None":
-        obj = read_json(cls.path_in(folder))
-        if obj is None:
-            return None
-        known = {f for f in cls.__dataclass_fields__}
-        try:
-            return cls(**{k: v for k, v in obj.items() if k in known})
-        except TypeError as exc:
-            raise UsageError(f"{cls.path_in(folder)}: {exc}") from None
-
-    def save(self, folder: Path) -> None:
-        self.updated = time.time()
-        write_json_atomically(self.path_in(folder), asdict(self))
 
 
 def recorded_migrations(root: Path) -> tuple[list[SourceState], list[TargetState]]:

@@ -193,6 +193,19 @@ def test_data_past_the_end_of_a_short_target(tmp_path):
     assert path.stat().st_size == 3 * MiB + MiB // 2
 
 
+def test_tail_padding_takes_the_bytes_past_the_end_as_qemu_does(tmp_path):
+    """--tail-padding: a last chunk with garbage past the target's end (what QEMU 7.2 can send) writes
+    the part inside the target and nothing past it."""
+    path = write_image(tmp_path / "target.img", 3 * MiB + MiB // 2, seed=6)
+    before = path.read_bytes()
+    (tmp_path / "stream").write_bytes(header(3 * SECTORS_PER_CHUNK, DEVICE_BLOCK) + b"\x02" * MiB + eos())
+    result = run_blocktrack("receive", "--device", f"disk={path}", "--input", tmp_path / "stream",
+                            "--tail-padding", text=True)
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes() == before[: 3 * MiB] + b"\x02" * (MiB // 2)
+    assert path.stat().st_size == 3 * MiB + MiB // 2
+
+
 def test_missing_target_is_a_usage_error(tmp_path):
     (tmp_path / "stream").write_bytes(GOOD)
     result = run_blocktrack("receive", "--device", f"disk={tmp_path / 'nope.img'}", "--input",

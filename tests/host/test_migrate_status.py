@@ -1,0 +1,45 @@
+"""`blocktrack status` shows running migrations: the sender's live phase and progress (asked over its
+control socket) and the receiver's saved state, in text and in JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from blocktrack.migrate.scenario import blocktrack_argv, live_migration, tool_env
+from tests.conftest import MiB, blank_image, write_image
+
+
+def status(state_dir, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(blocktrack_argv("status", *extra), env=tool_env(state_dir), capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_status_lists_a_running_migration_and_its_phase(tmp_path):
+    source = write_image(tmp_path / "src.img", 24 * MiB, seed=3)
+    target = blank_image(tmp_path / "dst.img", 24 * MiB)
+    seen: dict = {}
+
+    def on_event(event):
+        key = {"frozen": "frozen", "progress": "running"}.get(event.get("event"))
+        if key and key not in seen:
+            seen[key] = status(tmp_path / "state", "--json")
+            if key == "frozen":
+                seen["text"] = status(tmp_path / "state")
+
+    result = live_migration(source, target, tmp_path, writer_rate=2 * MiB, rate_limit=16 * MiB, on_event=on_event)
+    assert result.summary and result.summary["result"] == "verified", result.migrate_stderr
+    migration_id = result.summary["migration_id"]
+    assert set(seen) >= {"running", "frozen", "text"}, seen.keys()
+    during = json.loads(seen["running"].stdout)["migrations"]
+    sources = [m for m in during if m["role"] == "source"]
+    assert len(sources) == 1 and sources[0]["migration_id"] == migration_id
+    live = sources[0]["live"]
+    assert live["ok"] and live["phase"] in ("setup", "bulk", "dirty", "cutover", "final", "verify"), live
+    if live["phase"] != "setup":                      # progress exists once the link does
+        assert live["progress"]["size"] == 24 * MiB and live["progress"]["chunks"] == 24, live
+    targets = [m for m in during if m["role"] == "target"]
+    assert targets and targets[0]["migration_id"] == migration_id and targets[0]["target"] == str(target)
+    frozen = [m for m in json.loads(seen["frozen"].stdout)["migrations"] if m["role"] == "source"][0]
+    assert frozen["live"]["phase"] == "frozen" and frozen["live"]["result"]["result"] == "verified"
+    assert f"migration {migration_id}" in seen["text"].stdout and "frozen" in seen["text"].stdout
