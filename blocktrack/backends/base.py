@@ -355,6 +355,8 @@ class Backend(ABC):
         dev = self.current_device()
         if dev is None:
             return "missing", None
+        if self.record.get("retired"):
+            return "retired", dev        # `release --retire` after a migration: an error table, on purpose
         live = dm.table(dev.name)
         hidden_present = dm.info(self.record["hidden"]["origin"]) is not None
         if live == self.record["tracking_table"] and hidden_present:
@@ -373,6 +375,8 @@ class Backend(ABC):
             return dev
         hints = {
             "enrolling": "an enroll was interrupted: run `blocktrack unenroll` and enroll again",
+            "retired": "it was retired after a migration (an error table fails every write): `blocktrack "
+                       "unenroll` removes blocktrack's devices and leaves the error table",
             "missing": "the device is gone",
             "detached": "tracking is not attached (after a reboot?): run `blocktrack enroll "
                         f"{self.device}` to re-attach it",

@@ -23,6 +23,8 @@ volumes, and its state:
              lost; "reason" says what happened; `blocktrack unenroll` restores the table
   missing    the device no longer exists
   enrolling  an enroll was interrupted: `blocktrack unenroll` cleans up
+  retired    `blocktrack release --retire` replaced the table with an error target after a
+             verified migration: every write fails; `blocktrack unenroll` removes the rest
 
 Device-mapper devices named blocktrack-* that no record accounts for are listed as orphans."""
 

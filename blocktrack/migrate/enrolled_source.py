@@ -117,6 +117,11 @@ class EnrolledSource:
     def start(self, resume_from: dict | None = None) -> tuple[DirtyMap, str | None]:
         since = DirtyMap.for_size(self.size, self.chunk_size)
         note = None
+        if self.tracker.tracking_state()[0] in ("frozen", "suspended"):
+            # A migrate killed during its cutover (or a verified one given up with --restart) left the
+            # device suspended: nothing else will resume it, and its writers hang until someone does.
+            self.tracker.thaw()
+            note = f"{self.device} was left frozen by an earlier migration: thawed it"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AllDirtyWarning)
             if resume_from is None:
@@ -125,8 +130,9 @@ class EnrolledSource:
                 since, _ = self.tracker.dirty_since(resume_from["checkpoint"])
             else:
                 since.mark_all()
-                note = (f"{self.device} was enrolled again since the saved checkpoint (or the checkpoint is "
-                        "unknown): every chunk is treated as dirty")
+                note = "; ".join(filter(None, [note, f"{self.device} was enrolled again since the saved "
+                                                    "checkpoint (or the checkpoint is unknown): every chunk is "
+                                                    "treated as dirty"]))
         notes = [str(w.message) for w in caught if issubclass(w.category, AllDirtyWarning)]
         if notes:
             note = "; ".join(([note] if note else []) + notes)

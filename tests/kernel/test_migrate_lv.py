@@ -290,6 +290,14 @@ def test_a_write_after_cutover_is_held_then_refused_by_retire(two_vgs, tmp_path)
             os.close(fd)
         assert " error" in out("dmsetup", "table", f"{VG}-db")
         assert migrate.wait(120) == 0
+        status = json.loads(subprocess.run(blocktrack_argv("status", src, "--json"), env=tool_env(state),
+                                           capture_output=True, text=True, check=True).stdout)["devices"][0]
+        assert status["state"] == "retired", status
+        unenrolled = subprocess.run(blocktrack_argv("unenroll", src, "--json"), env=tool_env(state),
+                                    capture_output=True, text=True, timeout=120)
+        assert unenrolled.returncode == 0, unenrolled.stderr
+        assert " error" in out("dmsetup", "table", f"{VG}-db"), "unenroll brought a retired source back"
+        assert not [line for line in out("dmsetup", "ls").splitlines() if line.startswith("blocktrack-")]
         report("migrate-write-after-cutover", {"late_write": outcome["result"], "tables_frozen": hidden_before.count("\n")})
     finally:
         for proc in (migrate, receiver):

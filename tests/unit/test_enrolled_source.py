@@ -53,7 +53,7 @@ class MemoryTracker:
         return None
 
     def tracking_state(self):
-        return "tracking", None
+        return ("frozen" if self.frozen else "tracking"), None
 
     def reload(self):
         pass
@@ -145,3 +145,11 @@ def test_the_refresher_takes_passes_but_not_while_frozen(monkeypatch):
         assert not tracker.frozen
     finally:
         source.close()
+
+
+def test_a_device_left_frozen_by_a_killed_migration_is_thawed_at_start(monkeypatch):
+    source, tracker = make(monkeypatch)
+    tracker.freeze()                                   # what a migrate SIGKILLed mid-cutover leaves
+    since, note = source.start(None)
+    source.close()
+    assert not tracker.frozen and "left frozen" in note
