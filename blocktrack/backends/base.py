@@ -291,6 +291,10 @@ class Backend(ABC):
             self.save()
             if not dev.suspended:
                 dm.suspend(dev.name, lockfs=True)
+            self.after_suspend()
+
+    def after_suspend(self) -> None:
+        """A backend with writes in flight outside device-mapper holds them here (under the lock)."""
 
     def thaw(self) -> None:
         """Let writes through again (also resumes a device an interrupted pass left suspended)."""

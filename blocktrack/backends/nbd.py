@@ -698,14 +698,10 @@ class NbdBackend(Backend):
         """Suspend the LV with its filesystem frozen (its dirty data is written through the server
         first), then close the server's gate. The other order would deadlock: the suspend waits for
         I/O that a closed gate holds."""
-        with self.state.lock(self.ident):
-            self.reload()
-            dev = self.require_tracking()
-            self.record["frozen"] = True
-            self.save()
-            if not dev.suspended:
-                dm.suspend(dev.name, lockfs=True)
-            self._call("freeze", timeout=CALL_TIMEOUT)
+        super().freeze()
+
+    def after_suspend(self) -> None:
+        self._call("freeze", timeout=CALL_TIMEOUT)
 
     def thaw(self) -> None:
         with self.state.lock(self.ident):
