@@ -3,7 +3,7 @@ PYTHON ?= python3
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 PYTEST = $(PYTHON) tests/run_pytest.py
 
-.PHONY: all build deps pydeps test test-host test-unit demo bench bench-tracking bench-lab-converge fuzz clean install uninstall
+.PHONY: all build builddeps deps pydeps test test-host test-unit demo bench bench-tracking bench-lab-converge fuzz clean install uninstall
 
 all: build
 
@@ -31,7 +31,12 @@ test-host: build
 pydeps:
 	$(PYTHON) -m pip install -q --disable-pip-version-check "cffi>=1.15" "ioctl-opt>=1.2" "xxhash>=3" setuptools wheel
 
-demo: pydeps build
+# What building the C core needs from Debian beyond gcc and CPython's headers: libxxhash-dev (XXH3).
+builddeps:
+	@dpkg-query -W -f='$${Status}' libxxhash-dev 2>/dev/null | grep -q "install ok installed" || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libxxhash-dev; }
+
+demo: builddeps pydeps build
 	$(PYTHON) tools/demo.py
 
 bench: build

@@ -6,7 +6,11 @@ Each measurement is the best of --repeat runs. Peak RSS is GNU time's %M for eac
 ru_maxrss from our own wait4() would count the benchmark's own memory, which a forked child inherits
 in its high-water mark even after exec.
 
-  python3 bench/copy_bench.py [--size 2G] [--repeat 3] [--sparse-size 64G] [--json FILE]
+The "verify" rows price the default verification (the digest map of every chunk on both ends): a `blocktrack migrate` of the quiescent source loop device to a
+`blocktrack receive` over loopback TCP, from connecting to the verified cutover, with the digest map and
+without it (bench/no_digest.py switches it off), alternating, best of --repeat; goal: >= 0.95x.
+
+  python3 bench/copy_bench.py [--size 2G] [--repeat 3] [--sparse-size 64G] [--json FILE] [--only verify]
 """
 
 from __future__ import annotations
@@ -105,6 +109,73 @@ def run_tcp(src: str, dst: str) -> tuple[float, int]:
         return time.monotonic() - started, max(_peak_rss_kib(rss_send), _peak_rss_kib(rss_recv))
 
 
+def run_migrate(src: str, dst: str, workdir: Path, *, digest: bool) -> tuple[float, float]:
+    """Seconds from `migrate` connecting (NBD backend, no writer: quiescent) to its verified cutover,
+    and the CPU seconds (user + system) of both ends and the release, start-up included: on a
+    shared machine the wall time swings with the neighbours' load, the CPU cost much less."""
+    import resource
+
+    from blocktrack.migrate.scenario import INSECURE, JsonProcess, release, tool_env
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    cpu_before = children_cpu()
+    state = Path(tempfile.mkdtemp(prefix="state-", dir=workdir))
+    launcher = ["-m", "blocktrack"] if digest else [str(ROOT / "bench" / "no_digest.py")]  # both ends
+    receiver = JsonProcess([sys.executable, *launcher, "receive", "--listen", "127.0.0.1:0", "--device", f"d={dst}",
+                            "--json", *INSECURE], tool_env(state), name="receive")
+    port = receiver.wait_event("listening")["port"]
+    migrate = JsonProcess([sys.executable, *launcher, "migrate", src, "--name", "d", "--to", f"127.0.0.1:{port}",
+                           "--serve-socket", str(state / "nbd.sock"), "--state-dir", str(state), "--json",
+                           *INSECURE], tool_env(state), name="migrate")
+    try:
+        connected = []   # timed from the connection (process start-up and NBD setup left out) to the cutover
+
+        def note(event):
+            if event.get("event") == "connected":
+                connected.append(time.monotonic())
+        end = migrate.follow(lambda e: e.get("event") in ("frozen", "error"), note, timeout=600)
+        seconds = time.monotonic() - connected[0] if connected else 0.0
+        if end["event"] != "frozen":
+            raise SystemExit(f"benchmark migrate failed: {end} {migrate.stderr[-1000:]} {receiver.stderr[-1000:]}")
+        released = release(src, state, retire=True)
+        if released.returncode != 0:
+            raise SystemExit(f"benchmark release failed: {released.stderr}")
+        if migrate.wait() != 0 or receiver.wait() != 0:
+            raise SystemExit(f"benchmark migrate failed: {migrate.stderr[-1000:]} {receiver.stderr[-1000:]}")
+        return seconds, children_cpu() - cpu_before
+    finally:
+        for proc in (migrate, receiver):
+            if proc.alive():
+                proc.stop(9)
+
+
+def verify_cost(src: str, dst: str, workdir: Path, repeat: int, mb: float) -> list[dict]:
+    """The digest map's cost on a migration: with and without, alternating, best of ``repeat``."""
+    times = {True: [], False: []}
+    cpu = {True: [], False: []}
+    for _ in range(repeat):
+        for digest in (True, False):
+            seconds, cpu_s = run_migrate(src, dst, workdir, digest=digest)
+            times[digest].append(seconds)
+            cpu[digest].append(cpu_s)
+    rows = []
+    for digest, name in ((True, "blocktrack migrate, digest map (default)"),
+                         (False, "blocktrack migrate, no digest map (baseline)")):
+        seconds = min(times[digest])
+        rows.append({"group": "verify", "name": name, "seconds": round(seconds, 3), "mb_per_s": round(mb / seconds, 1),
+                     "runs_s": [round(t, 3) for t in times[digest]], "cpu_s": round(min(cpu[digest]), 2)})
+        print(f"  verify {name:45} {mb / seconds:8.1f} MB/s  runs {', '.join(f'{t:.2f}' for t in times[digest])} s"
+              f"  CPU {min(cpu[digest]):.2f} s", flush=True)
+    ratio = rows[0]["mb_per_s"] / rows[1]["mb_per_s"]
+    rows[0]["ratio_to_baseline"] = round(ratio, 3)
+    print(f"\nverify: the digest map runs at {ratio:.3f}x the migration without it  <- goal >= 0.95; "
+          f"CPU {rows[0]['cpu_s'] / rows[1]['cpu_s']:.3f}x", flush=True)
+    return rows
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--fill":
         fill(Path(sys.argv[2]), int(sys.argv[3]))
@@ -115,6 +186,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/var/tmp"))
+    parser.add_argument("--only", choices=("verify",), help="run only these rows")
     args = parser.parse_args()
     size = args.size
     mb = size / 1e6
@@ -130,6 +202,12 @@ def main() -> int:
         try:
             src, dst = losetup(src_img), losetup(dst_img)
             devices += [src, dst]
+            if args.only == "verify":
+                rows += verify_cost(src, dst, tmp, args.repeat, mb)
+                subprocess.run(["cmp", src, dst], check=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2))
+                return 0
             copies = {
                 "dd iflag=direct oflag=direct bs=1M": lambda: best(args.repeat, [[
                     "dd", f"if={src}", f"of={dst}", "iflag=direct", "oflag=direct", "bs=1M", "status=none"]]),
@@ -158,6 +236,8 @@ def main() -> int:
                                  "mb_per_s": round(mb / seconds, 1), "peak_rss_mib": round(rss / 1024, 1)})
                     print(f"  {group:5} {name:45} {mb / seconds:8.1f} MB/s  peak RSS {rss / 1024:6.1f} MiB",
                           flush=True)
+            subprocess.run(["cmp", src, dst], check=True)
+            rows += verify_cost(src, dst, tmp, args.repeat, mb)
             subprocess.run(["cmp", src, dst], check=True)
         finally:
             for device in devices:

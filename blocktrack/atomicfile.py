@@ -4,6 +4,10 @@ The one implementation for every file blocktrack must not lose half-written (enr
 dirty maps, migration progress): write a temporary file in the same folder, fsync it, rename it over the
 old name, fsync the folder (the rename itself is then durable). OS errors become blocktrack exceptions
 through errors.check, naming ``what`` was being written.
+
+The temporary file is made by mkstemp (O_EXCL | O_NOFOLLOW, a random name), so a symbolic link planted
+at any name in the folder is never written through, and the rename replaces a link at ``path`` rather
+than following it (see safepath.py for the folders themselves).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from blocktrack.errors import check
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
     finally:

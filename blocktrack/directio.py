@@ -21,6 +21,11 @@ order. A migration rewrites chunks (bulk pass, then dirty passes), so ``submit``
 ``write_zeroes`` first wait for any in-flight write that overlaps the new one: the last write
 submitted for a byte is the one that stays.
 
+Digests: ``read_digested`` and ``submit(..., digest_into=...)`` have the I/O thread that moved a
+chunk also hash it (XXH3-128, ``digest128``), so verification re-reads nothing and costs the
+calling thread nothing: the digest of a read covers the chunk's bytes inside a given size, the
+digest of a write the ``length`` bytes written.
+
 O_DIRECT fallback: where the filesystem refuses O_DIRECT (EINVAL at open, as tmpfs on older kernels
 and ramfs do, or at the first aligned read), both classes use buffered I/O and say so in ``.direct``.
 A writer's unaligned tail (only allowed at the very end of the target) goes through a second,
@@ -49,6 +54,19 @@ CHUNK_SIZE = 1 << 20
 _ZERO_TAG_BASE = 1 << 32  # tags of write_zeroes requests; buffer tokens are small integers
 _PROBE_BYTES = 4096
 _REAP_SLICE_MS = 250
+
+
+DIGEST_SIZE = 16
+
+
+def digest128(buf) -> bytes:
+    """XXH3-128 of ``buf`` (bytes-like, C-contiguous), canonical big-endian: the chunk digest."""
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("digest128 needs a contiguous buffer")
+    out = ffi.new("uint8_t[]", DIGEST_SIZE)
+    check(lib.bt_digest128(ffi.from_buffer(view), view.nbytes, out), "digest")
+    return bytes(ffi.buffer(out, DIGEST_SIZE))
 
 
 def is_zero(buf) -> bool:
@@ -125,9 +143,13 @@ class _Engine:
         self.outstanding = 0
         self._out = ffi.new("struct bt_completion[]", capacity)
 
-    def submit(self, fd: int, op: int, ptr, length: int, offset: int, tag: int, path: str) -> None:
+    def submit(self, fd: int, op: int, ptr, length: int, offset: int, tag: int, path: str,
+               digest=ffi.NULL, digest_len: int = 0) -> None:
+        """Queue one request; with ``digest`` (a uint8_t[16] pointer) the worker also hashes the
+        first ``digest_len`` bytes of the buffer into it after the transfer (bt_aio_submit_digest)."""
         what = "submit read" if op == lib.BT_OP_READ else "submit write"
-        check(lib.bt_aio_submit(self._aio, fd, op, ptr, length, offset, tag), what, path, offset)
+        check(lib.bt_aio_submit_digest(self._aio, fd, op, ptr, length, offset, tag, digest, digest_len),
+              what, path, offset)
         self.outstanding += 1
 
     def reap(self, min_complete: int = 1) -> list[tuple[int, int]]:
@@ -189,6 +211,7 @@ class ChunkReader:
                                   f"{self.sector_size}-byte sectors")
             # depth buffers in flight + 1 held by the consumer + 1 for read_one.
             self._pool = _Pool(chunk_size, depth + 2)
+            self._digests = ffi.new("uint8_t[]", (depth + 2) * DIGEST_SIZE)  # one slot per buffer
             if self.direct:
                 self._probe_direct()
             self._engine = _Engine(depth, depth, self._pool)
@@ -219,7 +242,15 @@ class ChunkReader:
         path and byte offset; a read that ends early (the device shrank) raises IOFailure(EIO).
         """
         self._ensure_open()
-        return self._read(iter(chunks))
+        return self._read(iter(chunks), None)
+
+    def read_digested(self, chunks: Iterable[int], size: int | None = None
+                      ) -> Iterator[tuple[int, memoryview, bytes]]:
+        """As ``read``, yielding ``(index, view, digest)``: the XXH3-128 (``digest128``) of the
+        chunk's bytes inside ``size`` (default the size at open; a migration hashes the source
+        device's size on a larger target), computed by the I/O thread that read it."""
+        self._ensure_open()
+        return self._read(iter(chunks), self.size if size is None else size)
 
     def read_one(self, index: int) -> bytes:
         """The bytes of one chunk, read synchronously."""
@@ -270,7 +301,7 @@ class ChunkReader:
             raise IOFailure(errno.EIO, f"short read (got {rc} of {expected} bytes: did the device shrink?)",
                             self.path, offset)
 
-    def _read(self, chunks: Iterator[int]) -> Iterator[tuple[int, memoryview]]:
+    def _read(self, chunks: Iterator[int], digest_size: int | None) -> Iterator[tuple]:
         if self._reading:
             raise RuntimeError(f"a read() of {self.path} is already running; finish or close it first")
         self._reading = True
@@ -294,8 +325,13 @@ class ChunkReader:
                 try:
                     # Always ask for a whole chunk: at the end of the device or file the read just
                     # stops there, and O_DIRECT needs no special length for the tail.
-                    engine.submit(self._fd, lib.BT_OP_READ, self._pool.ptr(token), self.chunk_size,
-                                  offset, token, self.path)
+                    if digest_size is None:
+                        engine.submit(self._fd, lib.BT_OP_READ, self._pool.ptr(token), self.chunk_size,
+                                      offset, token, self.path)
+                    else:
+                        engine.submit(self._fd, lib.BT_OP_READ, self._pool.ptr(token), self.chunk_size,
+                                      offset, token, self.path, self._digests + token * DIGEST_SIZE,
+                                      max(0, min(self.chunk_size, digest_size - offset)))
                 except BaseException:
                     free.append(token)
                     raise
@@ -319,7 +355,10 @@ class ChunkReader:
                     free.append(token)
                     raise
                 view = self._pool.views[token][:expected]
-                yield index, view
+                if digest_size is None:
+                    yield index, view
+                else:
+                    yield index, view, bytes(ffi.buffer(self._digests + token * DIGEST_SIZE, DIGEST_SIZE))
                 try:
                     view.release()  # a consumer that kept it gets an error, not recycled bytes
                 except BufferError:
@@ -381,6 +420,7 @@ class ChunkWriter:
         self._free: list[int] = []
         self._lent: set[int] = set()
         self._inflight: dict[int, tuple[int, int, int | None]] = {}  # tag -> (offset, length, token)
+        self._digest_into: dict[int, object] = {}  # tag -> the caller's digest buffer (kept alive)
         self._zero_seq = 0
         try:
             flags = os.O_WRONLY
@@ -422,11 +462,15 @@ class ChunkWriter:
         self._lent.add(token)
         return token, self._pool.views[token][:]  # a fresh view: the caller may release it
 
-    def submit(self, token: int, offset: int, length: int) -> None:
+    def submit(self, token: int, offset: int, length: int, digest_into=None) -> None:
         """Write ``buf[:length]`` at ``offset`` in the background; the buffer is then free again.
 
         ``offset`` must be a multiple of the sector size; ``length`` (at most ``chunk_size``) may be
         unaligned only when the write ends exactly at the end of the target.
+
+        ``digest_into``: a writable 16-byte buffer that receives the XXH3-128 of the ``length``
+        bytes once they are written (by the I/O thread; read it after ``flush``). The caller keeps
+        it alive; so does the writer while the write runs.
         """
         self._ensure_usable()
         if token not in self._lent:
@@ -436,7 +480,7 @@ class ChunkWriter:
         self._check_target_range(offset, length)
         self._lent.discard(token)
         try:
-            self._write(token, token, self._pool.ptr(token), offset, length)
+            self._write(token, token, self._pool.ptr(token), offset, length, digest_into)
         except BaseException:
             if token not in self._inflight:
                 self._free.append(token)
@@ -528,10 +572,16 @@ class ChunkWriter:
                               f"number of {self.sector_size}-byte sectors and does not end at the end "
                               f"of the target")
 
-    def _write(self, tag: int, token: int | None, ptr, offset: int, length: int) -> None:
+    def _write(self, tag: int, token: int | None, ptr, offset: int, length: int, digest_into=None) -> None:
         """Write ``length`` bytes from ``ptr``: the sector-aligned part in the background, an
-        unaligned tail (end of target only) synchronously through the buffered descriptor."""
+        unaligned tail (end of target only) synchronously through the buffered descriptor. The
+        digest (if asked) covers all ``length`` bytes: the background request hashes them."""
         aligned = length - length % self.sector_size if self.direct else length
+        digest = ffi.NULL
+        if digest_into is not None:
+            digest = ffi.from_buffer("uint8_t[]", digest_into, require_writable=True)
+            if len(digest) != DIGEST_SIZE:
+                raise ValueError(f"digest_into must be {DIGEST_SIZE} bytes, not {len(digest)}")
         if aligned < length:
             tail_offset, tail_length = offset + aligned, length - aligned
             self._wait_overlap(tail_offset, tail_length)
@@ -539,14 +589,19 @@ class ChunkWriter:
             self._check_write(rc, tail_offset, tail_length)
             self._raise_failure()
         if aligned == 0:
+            if digest != ffi.NULL:  # smaller than a sector: nothing went to the background to hash it
+                check(lib.bt_digest128(ptr, length, digest), "digest")
             if token is not None:
                 self._free.append(token)
             return
         self._wait_overlap(offset, aligned)
         while self._engine.outstanding >= self._engine.capacity:
             self._reap(1)
-        self._engine.submit(self._fd, lib.BT_OP_WRITE, ptr, aligned, offset, tag, self.path)
+        self._engine.submit(self._fd, lib.BT_OP_WRITE, ptr, aligned, offset, tag, self.path,
+                            digest, length if digest != ffi.NULL else 0)
         self._inflight[tag] = (offset, aligned, token)
+        if digest != ffi.NULL:
+            self._digest_into[tag] = digest
 
     def _buffered_fd(self) -> int:
         if not self.direct:
@@ -570,6 +625,7 @@ class ChunkWriter:
     def _reap(self, min_complete: int) -> None:
         for tag, rc in self._engine.reap(min_complete):
             offset, length, token = self._inflight.pop(tag)
+            self._digest_into.pop(tag, None)
             if rc != -errno.ECANCELED:
                 self._check_write(rc, offset, length)
             if token is not None:
@@ -583,6 +639,7 @@ class ChunkWriter:
         if engine is not None:
             for tag, _rc in engine.drain():
                 self._inflight.pop(tag, None)
+                self._digest_into.pop(tag, None)
             engine.destroy()
         for name in ("_tail_fd", "_fd"):
             fd = getattr(self, name)

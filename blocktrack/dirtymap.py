@@ -32,6 +32,7 @@ import zlib
 from typing import Iterator
 
 from blocktrack.atomicfile import atomic_write
+from blocktrack.safepath import read_file
 from blocktrack._native import ffi, lib
 from blocktrack.errors import BlocktrackError, check
 
@@ -189,8 +190,7 @@ class DirtyMap:
         """Read a map written by ``save``; raise DirtyMapFileError when it is damaged."""
         path = os.fspath(path)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_file(path)          # O_NOFOLLOW: a link planted in a state folder is refused
         except OSError as e:
             check(-(e.errno or 5), "load dirty map", path)
             raise

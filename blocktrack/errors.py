@@ -24,6 +24,12 @@ class UsageError(BlocktrackError):
     exit_code = 2
 
 
+class UnsafePath(UsageError):
+    """A state folder or file that someone other than root (or the caller) could change or redirect: a
+    symbolic link, a folder owned by another user, a folder writable by group or others. Refused, never
+    repaired silently (see blocktrack/safepath.py)."""
+
+
 class StreamError(BlocktrackError):
     """A migration stream is malformed or incomplete.
 
@@ -94,6 +100,14 @@ def check(rc: int, what: str, path: str | None = None, offset: int | None = None
             raise MemoryError(f"{what}: out of memory")
         raise IOFailure(err, what, path, offset)
     return rc
+
+
+def refuse_symlink(exc: OSError, path) -> None:
+    """After an open with O_NOFOLLOW failed: raise UnsafePath when the reason is a symbolic link at
+    ``path`` (ELOOP); otherwise return, and the caller handles ``exc`` as any other OSError."""
+    if exc.errno == _errno.ELOOP:
+        raise UnsafePath(f"{path} is a symbolic link: blocktrack does not follow links in its state folders "
+                         "(someone else may have planted it); remove it") from None
 
 
 # -- tracking backends, device-mapper and LVM (blocktrack.backends, blocktrack.kernel) ---------------

@@ -15,39 +15,38 @@ it comes from before a single stream byte is read. The ways in:
 * TLS 1.3 with a pre-shared key file (``--psk-file``): Python's ssl has TLS-PSK only from 3.13, so
   here TLS runs with a throw-away self-signed receiver certificate (made with the ``openssl``
   command) and both ends then prove they hold the key with an HMAC challenge-response bound to that
-  certificate (layout in wire/control.py, "pre-shared-key authentication"). A man in the middle
+  certificate, keyed by a salted scrypt of the key (blocktrack.psk: the key-file rules and the
+  threat model; layout in wire/control.py, "pre-shared-key authentication"). A man in the middle
   must present its own certificate, so proofs it relays name the wrong one and fail.
 * plain TCP only with ``--insecure`` (both ends): for a test, or a link that is already private.
 
 Failures of authentication are AuthenticationError (exit 5 for the sender), raised before the
 receiver reads a HELLO or a stream byte, so nothing can reach a target; the receiver reports the
-refused connection and goes on waiting for an authenticated one (accept_channel). TLS sockets become transport.SocketChannel
-(non-blocking, one SSL call at a time, stall timeouts); the TLS and PSK handshakes themselves run
-blocking with the stall timeout as their deadline.
+refused connection and goes on waiting for an authenticated one. It authenticates every connection
+that arrives side by side, each within --handshake-timeout, with caps per source address and
+overall (blocktrack.acceptor), so connections that never finish a handshake cannot keep the sender
+out. TLS sockets become transport.SocketChannel (non-blocking, one SSL call at a time, stall
+timeouts); the TLS and PSK handshakes themselves run blocking, bounded by the handshake timeout on
+the receiver and the stall timeout on the sender.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import shlex
 import socket
 import ssl
-import stat
 import subprocess
 import tempfile
-import time
 import urllib.parse
 from dataclasses import dataclass
 
+from blocktrack import acceptor, psk
 from blocktrack.errors import AuthenticationError, PeerError, StreamError, UsageError
 from blocktrack.transport import Listener, PipeChannel, SocketChannel, parse_host_port, set_keepalive
-from blocktrack.wire import control as C
 
 DEFAULT_STALL_TIMEOUT = 60.0
 _SOCKET_BUFFER = 4 << 20
-_MIN_PSK_BYTES = 16
 
 
 # -- options -----------------------------------------------------------------------------------------
@@ -63,6 +62,7 @@ class Security:
     psk_file: str | None = None
     insecure: bool = False
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    handshakes: acceptor.Limits = acceptor.Limits()  # the receiver's (--handshake-timeout, --max-handshakes*)
 
     @property
     def mode(self) -> str:
@@ -73,7 +73,8 @@ SECURITY_HELP = """\
 authentication of direct TCP (both ends must agree):
   --tls-cert/--tls-key/--tls-ca   TLS 1.3, mutual: each end shows a certificate signed by the CA
   --psk-file FILE                 TLS 1.3, and both ends prove they hold the key in FILE
-                                  (>= 16 bytes, not readable by group or others)
+                                  (a random key: `openssl rand -hex 32`; owned by root or
+                                  the caller, not readable by group or others)
   --insecure                      plain TCP, no authentication, no encryption
   one of them is required; plain TCP is never chosen silently."""
 
@@ -86,26 +87,46 @@ def add_arguments(parser, *, receiver: bool) -> None:
     group.add_argument("--tls-ca", metavar="PEM",
                        help=f"TLS: the CA certificate(s) {peer} must be signed by (a certificate is required)")
     group.add_argument("--psk-file", metavar="FILE",
-                       help="authenticate both ends with the pre-shared key in FILE (at least 16 bytes, mode "
-                            "0600), inside TLS 1.3")
+                       help="authenticate both ends with the pre-shared key in FILE, inside TLS 1.3: a random key "
+                            "(e.g. `openssl rand -hex 32`; at least 16 bytes, no pattern, a typed passphrase at "
+                            "least 32 characters), owned by root or the caller, mode 0600")
     group.add_argument("--insecure", action="store_true",
                        help="allow plain TCP: no authentication, no encryption (tests, private links)")
     group.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
                        help=f"give up (exit 5) when the peer sends nothing, or takes nothing, for this long; "
                             f"keep-alives keep an idle but healthy link open (default {DEFAULT_STALL_TIMEOUT:g})")
+    if receiver:
+        group.add_argument("--handshake-timeout", type=float, default=acceptor.DEFAULT_HANDSHAKE_TIMEOUT,
+                           metavar="SECONDS",
+                           help="close a connection that has not authenticated this long after it arrived (TLS "
+                                "and key proof in all; default %(default)g)")
+        group.add_argument("--max-handshakes-per-address", type=int, default=acceptor.DEFAULT_PER_SOURCE,
+                           metavar="N",
+                           help="handshakes at once from one address (an IPv6 /64 counts as one); a newer "
+                                "connection takes the place of the oldest (default %(default)d)")
+        group.add_argument("--max-handshakes", type=int, default=acceptor.DEFAULT_TOTAL, metavar="N",
+                           help="handshakes at once in all; a newcomer takes the place of the oldest of the "
+                                "address with the most (default %(default)d)")
 
 
 def from_args(args, *, tcp: bool) -> Security:
     """Validate the security options; ``tcp`` says whether a TCP connection will be made."""
     if args.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be positive (seconds)")
+    handshakes = acceptor.Limits()
+    if hasattr(args, "handshake_timeout"):  # receive only
+        if args.handshake_timeout <= 0:
+            raise UsageError("--handshake-timeout must be positive (seconds)")
+        if args.max_handshakes_per_address < 1 or args.max_handshakes < 1:
+            raise UsageError("--max-handshakes and --max-handshakes-per-address must be at least 1")
+        handshakes = acceptor.Limits(args.handshake_timeout, args.max_handshakes_per_address, args.max_handshakes)
     tls = [args.tls_cert, args.tls_key, args.tls_ca]
     chosen = sum([any(tls), bool(args.psk_file), bool(args.insecure)])
     if not tcp:
         if any(tls) or args.psk_file or args.insecure:
             raise UsageError("--tls-*, --psk-file and --insecure apply to direct TCP only (ssh and pipes "
                              "bring their own security)")
-        return Security(stall_timeout=args.stall_timeout)
+        return Security(stall_timeout=args.stall_timeout, handshakes=handshakes)
     if chosen == 0:
         raise UsageError("direct TCP needs authentication: --tls-cert/--tls-key/--tls-ca or --psk-file on both "
                          "ends, or --insecure for plain, unauthenticated TCP (or use --to ssh://HOST)")
@@ -117,25 +138,9 @@ def from_args(args, *, tcp: bool) -> Security:
         if not os.path.isfile(path):
             raise UsageError(f"{path}: no such file")
     if args.psk_file:
-        read_psk(args.psk_file)  # a bad key file is a usage error now, not after listening
+        psk.read_key_file(args.psk_file)  # a bad key file is a usage error now, not after listening
     return Security(args.tls_cert, args.tls_key, args.tls_ca, args.psk_file, bool(args.insecure),
-                    args.stall_timeout)
-
-
-def read_psk(path: str) -> bytes:
-    try:
-        info = os.stat(path)
-        with open(path, "rb") as f:
-            key = f.read(65536).strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read --psk-file {path}: {exc.strerror}") from None
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise UsageError(f"--psk-file {path} is readable by group or others (mode "
-                         f"{stat.S_IMODE(info.st_mode):04o}): chmod 600 it")
-    if len(key) < _MIN_PSK_BYTES:
-        raise UsageError(f"--psk-file {path} holds {len(key)} bytes; use at least {_MIN_PSK_BYTES} random bytes "
-                         "(e.g. `openssl rand -hex 32`)")
-    return key
+                    args.stall_timeout, handshakes)
 
 
 # -- TLS ---------------------------------------------------------------------------------------------
@@ -176,65 +181,24 @@ def _load_throwaway_cert(ctx: ssl.SSLContext) -> bytes:
             return ssl.PEM_cert_to_DER_cert(f.read())
 
 
-def _psk_mac(key: bytes, label: bytes, server_nonce: bytes, client_nonce: bytes, cert_der: bytes) -> bytes:
-    return hmac.new(key, label + server_nonce + client_nonce + hashlib.sha256(cert_der).digest(),
-                    hashlib.sha256).digest()
-
-
-def _recv_exact(sock, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        piece = sock.recv(n - len(buf))
-        if not piece:
-            raise EOFError
-        buf += piece
-    return bytes(buf)
-
-
-def _psk_server(sock: ssl.SSLSocket, key: bytes, cert_der: bytes) -> None:
-    server_nonce = os.urandom(C.PSK_NONCE_LEN)
-    sock.sendall(C.PSK_CHALLENGE.pack(C.PSK_MAGIC, server_nonce))
-    client_nonce, proof = C.decode_psk(C.PSK_PROOF, _recv_exact(sock, C.PSK_PROOF.size))
-    if not hmac.compare_digest(proof, _psk_mac(key, C.PSK_LABEL_CLIENT, server_nonce, client_nonce, cert_der)):
-        try:
-            sock.sendall(C.PSK_VERDICT.pack(C.PSK_MAGIC, C.PSK_REFUSED, bytes(32)))
-        except OSError:
-            pass
-        raise AuthenticationError("the sender does not hold the pre-shared key (--psk-file): refused before "
-                                  "any stream byte was read")
-    sock.sendall(C.PSK_VERDICT.pack(C.PSK_MAGIC, C.PSK_ACCEPTED,
-                                    _psk_mac(key, C.PSK_LABEL_SERVER, server_nonce, client_nonce, cert_der)))
-
-
-def _psk_client(sock: ssl.SSLSocket, key: bytes) -> None:
-    (server_nonce,) = C.decode_psk(C.PSK_CHALLENGE, _recv_exact(sock, C.PSK_CHALLENGE.size))
-    client_nonce = os.urandom(C.PSK_NONCE_LEN)
-    cert_der = sock.getpeercert(binary_form=True)
-    sock.sendall(C.PSK_PROOF.pack(C.PSK_MAGIC, client_nonce,
-                                  _psk_mac(key, C.PSK_LABEL_CLIENT, server_nonce, client_nonce, cert_der)))
-    status, server_proof = C.decode_psk(C.PSK_VERDICT, _recv_exact(sock, C.PSK_VERDICT.size))
-    if status != C.PSK_ACCEPTED:
-        raise AuthenticationError("the receiver refused our pre-shared key (--psk-file): the two ends hold "
-                                  "different keys")
-    expected = _psk_mac(key, C.PSK_LABEL_SERVER, server_nonce, client_nonce, cert_der)
-    if not hmac.compare_digest(server_proof, expected):
-        raise AuthenticationError("the receiver could not prove it holds the pre-shared key (--psk-file): "
-                                  "not sending to it")
-
-
-def _handshake_errors(what: str, sec: Security, step):
+def _handshake_errors(what: str, sec: Security, step, *, timeout: float, timeout_flag: str,
+                      credentials_refused=lambda: None):
     try:
         return step()
     except ssl.SSLCertVerificationError as exc:
+        credentials_refused()
         raise AuthenticationError(f"{what}: certificate not accepted: {exc.verify_message or exc.reason}") from None
     except ssl.SSLError as exc:
+        credentials_refused()
         raise AuthenticationError(f"{what}: TLS handshake failed ({exc.reason or exc}); do both ends use "
                                   "the same kind of authentication and trusted CAs?") from None
+    except AuthenticationError as exc:
+        raise AuthenticationError(f"{what}: {exc}") from None
     except StreamError as exc:
         raise AuthenticationError(f"{what}: {exc}") from None
     except (socket.timeout, TimeoutError):
-        raise AuthenticationError(f"{what}: no answer to the {sec.mode} handshake within "
-                                  f"{sec.stall_timeout:g} s") from None
+        raise AuthenticationError(f"{what}: no complete {sec.mode} handshake within {timeout:g} s "
+                                  f"({timeout_flag})") from None
     except (EOFError, ConnectionError, OSError) as exc:
         detail = "the peer closed the connection" if isinstance(exc, EOFError) else (exc.strerror or str(exc))
         raise AuthenticationError(f"{what}: {detail} during the {sec.mode} handshake (it may have refused "
@@ -244,7 +208,7 @@ def _handshake_errors(what: str, sec: Security, step):
 def connect_channel(address: str, sec: Security) -> SocketChannel:
     """Connect to a receiver, authenticate as ``sec`` says, return the channel (nothing sent yet)."""
     host, port = parse_host_port(address)
-    key = read_psk(sec.psk_file) if sec.mode == "psk" else None
+    key = psk.read_key_file(sec.psk_file) if sec.mode == "psk" else None
     try:
         sock = socket.create_connection((host, port), timeout=sec.stall_timeout)
     except OSError as exc:
@@ -257,9 +221,10 @@ def connect_channel(address: str, sec: Security) -> SocketChannel:
                                   do_handshake_on_connect=False)
             sock = tls
             tls.settimeout(sec.stall_timeout)
-            _handshake_errors(f"TLS to {address}", sec, tls.do_handshake)
+            bound = {"timeout": sec.stall_timeout, "timeout_flag": "--stall-timeout"}
+            _handshake_errors(f"TLS to {address}", sec, tls.do_handshake, **bound)
             if key is not None:
-                _handshake_errors(f"authentication with {address}", sec, lambda: _psk_client(tls, key))
+                _handshake_errors(f"authentication with {address}", sec, lambda: psk.prove(tls, key), **bound)
         scheme = {"insecure": "tcp", "cert": "tls", "psk": "tls+psk"}[sec.mode]
         return SocketChannel(sock, f"{scheme}:{address}", stall_timeout=sec.stall_timeout, peer="the receiver")
     except BaseException:
@@ -268,45 +233,41 @@ def connect_channel(address: str, sec: Security) -> SocketChannel:
 
 
 def accept_channel(listener: Listener, sec: Security, *, on_refused=None) -> SocketChannel:
-    """Accept a connection on ``listener`` and authenticate it; nothing of the stream is read.
+    """Accept connections on ``listener`` and authenticate them side by side (blocktrack.acceptor);
+    return the channel of the first that authenticates. Nothing of the stream is read.
 
-    A connection that fails authentication is closed; with ``on_refused`` (called with the reason)
-    the listener then waits for the next one, one second later, so a port scan or a sender with the
-    wrong key cannot end a receiver that waits for the right one, and guessing is slow. Without it,
-    the failure is raised."""
-    key = read_psk(sec.psk_file) if sec.mode == "psk" else None
+    A connection that fails authentication, or does not finish it within the handshake timeout, is
+    closed; with ``on_refused`` (called with the reason) the listener goes on, so a port scan, idle
+    connections or a sender with the wrong key cannot end a receiver that waits for the right one.
+    Without it, the first failure is raised. The listening socket is closed in either case."""
+    key = psk.read_key_file(sec.psk_file) if sec.mode == "psk" else None
     ctx, own_der = _context(sec, server=True) if sec.mode != "insecure" else (None, None)
-    while True:
-        conn, peer = listener.sock.accept()
-        try:
-            channel = _authenticate(conn, f"{peer[0]}:{peer[1]}", sec, ctx, own_der, key)
-        except AuthenticationError as exc:
-            if on_refused is None:
-                listener.sock.close()
-                raise
-            on_refused(str(exc))
-            time.sleep(REFUSAL_PAUSE)
-            continue
-        except BaseException:
-            listener.sock.close()
-            raise
-        listener.sock.close()
-        return channel
+
+    def authenticate(conn: socket.socket, handshake: acceptor.Handshake) -> SocketChannel:
+        return _authenticate(conn, handshake, sec, ctx, own_der, key)
+
+    return acceptor.accept_first(listener.sock, authenticate, sec.handshakes, on_refused=on_refused)
 
 
-REFUSAL_PAUSE = 1.0
-
-
-def _authenticate(conn: socket.socket, where: str, sec: Security, ctx, own_der, key) -> SocketChannel:
+def _authenticate(conn: socket.socket, handshake: acceptor.Handshake, sec: Security, ctx, own_der,
+                  key) -> SocketChannel:
+    where = handshake.where
+    bound = {"timeout": sec.handshakes.timeout, "timeout_flag": "--handshake-timeout"}
     try:
         _tune(conn, sec)
+        # A source refused a moment ago waits its pause before its next handshake starts.
+        _handshake_errors(f"connection from {where}", sec, handshake.hold_back, **bound)
         if ctx is not None:
             tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             conn = tls
-            tls.settimeout(sec.stall_timeout)
-            _handshake_errors(f"TLS from {where}", sec, tls.do_handshake)
+            # Each wait is bounded too; the accept loop ends the whole handshake at its deadline.
+            tls.settimeout(max(0.01, handshake.remaining()))
+            _handshake_errors(f"TLS from {where}", sec, tls.do_handshake, **bound,
+                              credentials_refused=handshake.credentials_refused)
             if key is not None:
-                _handshake_errors(f"authentication of {where}", sec, lambda: _psk_server(tls, key, own_der))
+                tls.settimeout(max(0.01, handshake.remaining()))
+                _handshake_errors(f"authentication of {where}", sec,
+                                  lambda: psk.serve(tls, key, own_der, turn=handshake.turn), **bound)
         scheme = {"insecure": "tcp", "cert": "tls", "psk": "tls+psk"}[sec.mode]
         return SocketChannel(conn, f"{scheme}:{where}", stall_timeout=sec.stall_timeout, peer="the sender")
     except BaseException:

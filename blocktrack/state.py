@@ -11,6 +11,11 @@ Every file is replaced atomically: written to a temporary file in the same folde
 over the old one, and the folder fsync'ed; a reader sees the old or the new file, never a mix, even
 after a crash. A record is written *before* the kernel change it describes (with its phase, e.g.
 ``enrolling``) so that a process killed half-way leaves enough behind for ``unenroll`` to undo it.
+
+The folders are 0700 and used only while nobody but root (or the caller) can change them or any
+folder above them, and no file in them is opened through a symbolic link (safepath.py): a record
+names the device-mapper tables that ``unenroll`` loads, so a record someone else could write would
+be theirs to load.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from blocktrack.atomicfile import atomic_write, fsync_dir  # noqa: F401  (re-exported for the backends)
 from blocktrack.errors import StateError
+from blocktrack.safepath import is_folder, open_file, read_file, secure_folder
 
 DEFAULT_STATE_DIR = "/var/lib/blocktrack"
 ENV_VAR = "BLOCKTRACK_STATE_DIR"
@@ -39,14 +45,29 @@ class StateDir:
         self.path = resolve(path)
         self.devices = self.path / "devices"
         self.locks = self.path / "locks"
+        self._trusted = False
 
     def ensure(self) -> "StateDir":
-        try:
-            for d in (self.path, self.devices, self.locks):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as e:
-            raise StateError(f"cannot create the state directory {self.path}: {e.strerror}") from None
+        """Create what is missing (0700), and check that nobody else can change any of it."""
+        for d in (self.path, self.devices, self.locks):
+            secure_folder(d, base=self.path)
+        self._trusted = True
         return self
+
+    def _check_trusted(self) -> bool:
+        """Before trusting anything read here: the folders that exist are trusted (UnsafePath if not).
+        False when there is no devices folder yet (nothing recorded)."""
+        if not self._trusted:
+            if (secure_folder(self.path, create=False) is None
+                    or secure_folder(self.devices, create=False, base=self.path) is None):
+                return False
+            self._trusted = True
+        return True
+
+    def device_folder(self, ident: str) -> Path:
+        """The device's own folder (``device_dir``), created 0700 and checked like the others."""
+        self.ensure()
+        return secure_folder(self.device_dir(ident), base=self.path)
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -65,8 +86,10 @@ class StateDir:
 
     def load(self, ident: str) -> dict | None:
         path = self.record_path(ident)
+        if not self._check_trusted():
+            return None
         try:
-            text = path.read_text()
+            text = read_file(path)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -81,7 +104,7 @@ class StateDir:
         return record
 
     def records(self) -> list[dict]:
-        if not self.devices.is_dir():
+        if not self._check_trusted():
             return []
         out = []
         for path in sorted(self.devices.glob("*.json")):
@@ -94,13 +117,16 @@ class StateDir:
         with contextlib.suppress(FileNotFoundError):
             self.record_path(ident).unlink()
         d = self.device_dir(ident)
-        if d.is_dir():
+        if is_folder(d):                      # a link is removed below, never followed into
             for f in d.iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
             with contextlib.suppress(OSError):
                 d.rmdir()
-        if self.devices.is_dir():
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                d.unlink()
+        if is_folder(self.devices):
             fsync_dir(self.devices)
 
     # -- locking ----------------------------------------------------------------------------------
@@ -110,7 +136,7 @@ class StateDir:
         """Exclusive lock on one enrollment, released when the process dies (flock)."""
         self.ensure()
         path = self.locks / f"{ident}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_file(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -30,6 +30,7 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # Several chunks of slack between sender and receiver; root may exceed pipe-max-size (1 MiB by
 # default), others fall back to it.
 PIPE_BUFFER_SIZES = (8 << 20, 1 << 20)
+LISTEN_BACKLOG = 128
 
 
 def parse_host_port(text: str, *, default_host: str | None = None) -> tuple[str, int]:
@@ -115,7 +116,8 @@ class FdSource:
 
 
 class Listener:
-    """A listening TCP socket for one connection (secure.accept_channel accepts and authenticates it).
+    """A listening TCP socket for one sender (secure.accept_channel accepts and authenticates the
+    connections that arrive, side by side, until one authenticates).
 
     With no host (``:PORT``) it binds to 127.0.0.1: listening beyond this machine is asked for by
     naming an address, never a default."""
@@ -128,7 +130,9 @@ class Listener:
             self.sock = socket.socket(family, kind, proto)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind(sockaddr)
-            self.sock.listen(1)
+            # Room for a burst of connections while handshakes run: a backlog of 1 let a few idle
+            # connections fill the queue and the sender's SYNs be dropped.
+            self.sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             raise UsageError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         self.host, self.port = self.sock.getsockname()[:2]

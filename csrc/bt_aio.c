@@ -19,6 +19,9 @@
  * does the same internally and joins the workers, so no worker ever touches a buffer after
  * destroy returns.
  *
+ * A request may also ask for the digest of its buffer (bt_aio_submit_digest): the worker hashes
+ * it after the transfer, so verification costs the caller's thread nothing (bt_digest.c).
+ *
  * Waiting (bt_aio_reap) happens here in C; the cffi binding releases the GIL around the call.
  * Workers block all signals so that signals keep going to the Python main thread.
  */
@@ -38,6 +41,8 @@ struct bt_aio_req {
     size_t len;
     uint64_t off;
     uint64_t tag;
+    uint8_t *digest;            /* NULL: no digest wanted */
+    size_t digest_len;
 };
 
 struct bt_aio {
@@ -86,6 +91,13 @@ static void *bt_aio_worker(void *arg)
             result = bt_pread_full(req.fd, req.buf, req.len, req.off);
         else
             result = bt_pwrite_full(req.fd, req.buf, req.len, req.off);
+        if (req.digest != NULL && result >= 0) {
+            size_t n = req.digest_len;
+
+            if (req.op == BT_OP_READ && (uint64_t)result < n)
+                n = (size_t)result;
+            bt_digest128(req.buf, n, req.digest);
+        }
 
         pthread_mutex_lock(&aio->lock);
         bt_aio_push_done(aio, req.tag, result);
@@ -165,9 +177,17 @@ int bt_aio_create(struct bt_aio **out, uint32_t nthreads, uint32_t capacity)
 int bt_aio_submit(struct bt_aio *aio, int fd, int op, void *buf, size_t len, uint64_t off,
                   uint64_t tag)
 {
+    return bt_aio_submit_digest(aio, fd, op, buf, len, off, tag, NULL, 0);
+}
+
+int bt_aio_submit_digest(struct bt_aio *aio, int fd, int op, void *buf, size_t len, uint64_t off,
+                         uint64_t tag, uint8_t *digest, size_t digest_len)
+{
     struct bt_aio_req *req;
 
     if (op != BT_OP_READ && op != BT_OP_WRITE)
+        return -EINVAL;
+    if (digest != NULL && op == BT_OP_WRITE && digest_len < len)
         return -EINVAL;
     if (buf == NULL && len > 0)
         return -EFAULT;
@@ -187,6 +207,8 @@ int bt_aio_submit(struct bt_aio *aio, int fd, int op, void *buf, size_t len, uin
     req->len = len;
     req->off = off;
     req->tag = tag;
+    req->digest = digest;
+    req->digest_len = digest_len;
     aio->q_count++;
     aio->outstanding++;
     pthread_cond_signal(&aio->work_cv);

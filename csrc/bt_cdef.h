@@ -50,6 +50,12 @@ int bt_aio_create(struct bt_aio **out, uint32_t nthreads, uint32_t capacity);
 /* Queue one request; -EAGAIN when capacity requests are outstanding, -EINVAL for a bad op. */
 int bt_aio_submit(struct bt_aio *aio, int fd, int op, void *buf, size_t len, uint64_t off,
                   uint64_t tag);
+/* The same, and when the transfer succeeds the worker also stores in digest (16 bytes, caller
+ * owned, untouched otherwise) the bt_digest128 of the first digest_len bytes of buf: of a read,
+ * at most the bytes it read; of a write, digest_len bytes whatever part of them this request
+ * writes (the caller may write an unaligned tail of the same buffer itself). */
+int bt_aio_submit_digest(struct bt_aio *aio, int fd, int op, void *buf, size_t len, uint64_t off,
+                         uint64_t tag, uint8_t *digest, size_t digest_len);
 /* Wait (timeout_ms < 0: forever) until at least min_complete completions are ready (fewer if
  * fewer are outstanding), then move up to max of them into out. Returns how many were moved. */
 int bt_aio_reap(struct bt_aio *aio, struct bt_completion *out, uint32_t max,
@@ -61,6 +67,11 @@ int bt_aio_cancel(struct bt_aio *aio);
 uint32_t bt_aio_outstanding(struct bt_aio *aio);
 /* Cancel what is queued, wait for running requests, join the workers, free. NULL is a no-op. */
 void bt_aio_destroy(struct bt_aio *aio);
+
+/* ---- chunk digests (bt_digest.c) ---- */
+
+/* XXH3-128 of len bytes at buf, its 16 bytes in canonical (big-endian) order, into out. */
+int bt_digest128(const void *buf, size_t len, uint8_t *out);
 
 /* ---- zero detection (bt_zero.c) ---- */
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["bt_aio.c", "bt_bitmap.c", "bt_bufpool.c", "bt_io.c", "bt_zero.c"]
+SOURCES = ["bt_aio.c", "bt_bitmap.c", "bt_bufpool.c", "bt_digest.c", "bt_io.c", "bt_zero.c"]
 
 
 def _rel(path: Path) -> str:
@@ -33,7 +33,7 @@ ffibuilder.set_source(
     include_dirs=[_rel(HERE)],
     depends=[_rel(HERE / "bt_cdef.h"), _rel(HERE / "bt_core.h")],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
-    libraries=["pthread"],
+    libraries=["pthread", "xxhash"],   # libxxhash-dev: XXH3_128bits (bt_digest.c)
 )
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 debs=(
   gcc make cpio kmod util-linux            # build, losetup, initramfs
+  libxxhash-dev                            # the C core's chunk digests (XXH3-128, csrc/bt_digest.c)
   qemu-system-x86 qemu-utils               # the kernel lab; QEMU as a wire-format peer; qemu-img/qemu-io/qemu-nbd
   busybox-static                           # the lab's initramfs
   lvm2 dmsetup thin-provisioning-tools     # LVM, device-mapper, era_invalidate/era_dump (used inside the lab)

@@ -78,6 +78,7 @@ from blocktrack.kernel.blockdev import logical_sector_size
 from blocktrack.nbd.export import Export
 from blocktrack.nbd.handshake import transmission_flags
 from blocktrack.nbd.server import NbdServer
+from blocktrack.safepath import open_file, read_file, secure_folder
 from blocktrack.state import StateDir, atomic_write
 
 CONTROL_DIR = "/run/blocktrack"        # control sockets (a socket path must stay under 108 bytes)
@@ -270,13 +271,13 @@ class ServerDaemon:
         return self.info
 
     def _event(self, name: str, fields: dict) -> None:
-        if name in ("disconnected", "accept_failed"):
+        if name in ("disconnected", "accept_failed", "internal_error"):
             self.log(f"{name}: {json.dumps(fields, sort_keys=True, default=str)}")
 
     # -- control ------------------------------------------------------------------------------------------
 
     def _listen_control(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        secure_folder(os.path.dirname(path))        # 0700, root's alone: nobody can swap the socket
         try:
             os.unlink(path)                          # ours from an earlier run of this enrollment
         except FileNotFoundError:
@@ -484,14 +485,14 @@ class NbdBackend(Backend):
         """What we know of the server: the record, completed by the daemon's own server.json (written
         before the record when a CLI was killed half-way)."""
         try:
-            own = json.loads((self._folder() / "server.json").read_text())
+            own = json.loads(read_file(self._folder() / "server.json"))
         except (OSError, ValueError):
             own = {}
         return {**own, **{k: v for k, v in self.nbd.items() if v is not None}}
 
     def _exit_note(self, pid: int | None) -> str | None:
         try:
-            note = json.loads((self._folder() / "server.exit").read_text())
+            note = json.loads(read_file(self._folder() / "server.exit"))
         except (OSError, ValueError):
             return None
         return note.get("reason") if note.get("pid") == pid else None
@@ -555,8 +556,7 @@ class NbdBackend(Backend):
         return reply
 
     def _start_server(self, hidden_node: str, blksize: int) -> dict:
-        folder = self._folder()
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = self.state.device_folder(self.ident)
         for stale in ("server.json", "server.exit"):
             try:
                 (folder / stale).unlink()
@@ -571,7 +571,7 @@ class NbdBackend(Backend):
         # glibc reserves 64 MiB of address space per thread arena; under mlockall every arena that grows
         # is locked as it grows. Two arenas keep the locked footprint near what the server really uses.
         env["MALLOC_ARENA_MAX"] = "2"
-        log_fd = os.open(folder / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        log_fd = open_file(folder / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen([sys.executable, "-c", _DAEMON_BOOT, json.dumps(cfg)], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=log_fd, cwd="/", env=env, close_fds=True)

@@ -171,8 +171,7 @@ class SnapshotBackend(Backend):
         return self.state.device_dir(self.ident) / f"interval-{generation}.dmap"
 
     def _save_interval(self, generation: int, dirty: DirtyMap) -> None:
-        folder = self.state.device_dir(self.ident)
-        folder.mkdir(mode=0o700, exist_ok=True)
+        folder = self.state.device_folder(self.ident)
         dirty.save(self._interval_path(generation))
         for path in folder.glob("interval-*.dmap"):
             try:

@@ -1,12 +1,14 @@
-"""Helpers shared by subcommands: size parsing, output routing, summaries."""
+"""Helpers shared by subcommands: size and socket-mode parsing, output routing, summaries."""
 
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import re
 import sys
 
+from blocktrack.errors import UsageError
 from blocktrack.progress import Progress, human_bytes
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -22,6 +24,27 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return int(value)
+
+
+def socket_mode(option: str, mode: str | None, group: str | None) -> tuple[int, int | None]:
+    """(file mode, gid) for a Unix socket from ``--...-mode`` and ``--...-group``: mode 0600 by
+    default, 0660 when only a group is given; the mode in octal (``660``, ``0660``), permission bits
+    only; the group by name or number."""
+    gid = None
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"{option}-group: no group named {group!r}") from None
+    if mode is None:
+        return (0o600 if gid is None else 0o660), gid
+    try:
+        value = int(mode, 8)
+    except ValueError:
+        raise UsageError(f"{option}-mode must be an octal file mode such as 0600 or 0660, not {mode!r}") from None
+    if not 0 <= value <= 0o777:
+        raise UsageError(f"{option}-mode takes permission bits only (0000 to 0777), not {mode}")
+    return value, gid
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -59,12 +82,56 @@ def print_summary(args, operation: str, summary: dict, data_on_stdout: bool) -> 
     out.flush()
 
 
-def device_spec(text: str):
-    """argparse type for ``NAME=PATH`` (argparse reports ArgumentTypeError as a usage error)."""
-    from blocktrack.errors import UsageError
-    from blocktrack.migrate.sender import DeviceSpec
+DEVICE_RULE = ("NAME may hold '=' itself: NAME=PATH is split at the '=' that leaves an existing PATH, and "
+               "refused when more than one does; or give --device-name NAME before --device PATH")
 
-    try:
-        return DeviceSpec.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+
+class _DeviceNameAction(argparse.Action):
+    """``--device-name NAME``: the name of the ``--device`` that follows (held in args.device_name)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if namespace.device_name is not None:
+            parser.error(f"--device-name {namespace.device_name} is not followed by a --device PATH")
+        namespace.device_name = value
+
+
+class _DeviceAction(argparse.Action):
+    """``--device NAME=PATH`` (DeviceSpec.parse), or ``--device PATH`` after ``--device-name NAME``."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from blocktrack.errors import UsageError
+        from blocktrack.migrate.sender import DeviceSpec
+
+        name, namespace.device_name = namespace.device_name, None
+        try:
+            spec = DeviceSpec.parse(value) if name is None else DeviceSpec.named(name, value)
+        except UsageError as exc:
+            parser.error(f"argument --device: {exc}")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), spec])
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--device NAME=PATH`` (repeatable, required) and ``--device-name NAME``; read them back with
+    ``named_devices(args)``."""
+    parser.add_argument("--device", action=_DeviceAction, required=True, metavar="NAME=PATH",
+                        help=f"{help}. {DEVICE_RULE}")
+    parser.add_argument("--device-name", action=_DeviceNameAction, default=None, metavar="NAME",
+                        help="the name of the --device that follows, which then gives its PATH alone (no "
+                             "splitting at '='), e.g. --device-name 'vm=7' --device /dev/vg1/vm7")
+
+
+def named_devices(args) -> list:
+    """The DeviceSpecs of ``--device``, once no ``--device-name`` is left without its ``--device``."""
+    from blocktrack.errors import UsageError
+
+    if args.device_name is not None:
+        raise UsageError(f"--device-name {args.device_name} is not followed by a --device PATH")
+    return args.device
+
+
+def remote_device_spec(text: str) -> str:
+    """argparse type for ``--remote-device NAME=PATH``: checked for its form only and passed on whole,
+    since PATH is on the other host (the remote receiver splits it by the same rule)."""
+    if "=" not in text.strip("="):
+        raise argparse.ArgumentTypeError(f"--remote-device wants NAME=PATH, got {text!r}")
+    return text

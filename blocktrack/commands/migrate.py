@@ -14,7 +14,7 @@ import threading
 import time
 
 from blocktrack import secure
-from blocktrack.commands.common import parse_size
+from blocktrack.commands.common import parse_size, socket_mode
 from blocktrack.errors import UsageError
 from blocktrack.migrate.control import ControlServer
 from blocktrack.migrate.engine import LiveMigration, Options
@@ -25,6 +25,7 @@ from blocktrack.migrate.nbd_source import NbdSource
 from blocktrack.migrate.savedstate import RESUMABLE, SourceState, make_folder, source_folder, state_root
 from blocktrack.migrate.source import RELEASE_MODES
 from blocktrack.progress import human_bytes
+from blocktrack.safepath import open_file
 from blocktrack.state import StateDir
 
 DESCRIPTION = """\
@@ -84,6 +85,11 @@ def register(subparsers) -> None:
                         help="snapshot: size of each COW volume when migrate enrolls the device itself")
     parser.add_argument("--serve-socket", metavar="PATH",
                         help="nbd: the Unix socket writers use (default: nbd.sock in the state folder)")
+    parser.add_argument("--serve-socket-mode", metavar="MODE",
+                        help="nbd: file mode of that socket, in octal (default 0600, whatever the umask; "
+                             "0660 with --serve-socket-group)")
+    parser.add_argument("--serve-socket-group", metavar="GROUP",
+                        help="nbd: group of that socket (name or number), e.g. the group a VM runs as")
     parser.add_argument("--name", metavar="NAME",
                         help="the device name on the wire (default: VG/LV for /dev/VG/LV, else the file name)")
     parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS",
@@ -97,7 +103,10 @@ def register(subparsers) -> None:
                              "throttle the writers (half the link rate, halved again each N passes), "
                              "or stop (resumable) (default keep-going)")
     parser.add_argument("--verify", choices=("digest", "full"), default="digest",
-                        help="digest: compare the chunks of the final pass (default); full: every chunk")
+                        help="digest (default): compare the digest of every chunk as sent with its digest as the receiver "
+                             "wrote it (or, on a resume, read back what it already held), no extra reads; "
+                             "full: read both devices whole while frozen and compare every chunk (a longer "
+                             "downtime)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted migration of DEVICE from its saved progress")
     parser.add_argument("--restart", action="store_true",
@@ -212,7 +221,9 @@ class Reporter:
                 f"  sent: {human_bytes(summary['sent_bytes'])} of device data = {ratio:.2f} x the "
                 f"{human_bytes(summary['size'])} device ({human_bytes(summary['wire_bytes'])} on the wire)",
                 f"  downtime: {summary['downtime_ms']:.0f} ms (freeze → verified; allowed {summary['max_downtime_ms']} ms)",
-                f"  verified: {summary['chunks_verified']} chunks by digest ({summary['verify']})",
+                f"  verified: {summary['chunks_verified']} chunks by digest ("
+                + ("every chunk as sent against the receiver's as written or read back)" if summary["verify"] == "digest"
+                   else "both devices read again while frozen)"),
             ]
             if summary["resumed"]:
                 lines.append(f"  resumed: {human_bytes(summary['resent_bytes'])} re-sent of chunks the target "
@@ -290,8 +301,10 @@ def _link_factory(args, name: str):
 
     def connect(to: str, hello):
         if secure.is_ssh_url(to):
-            remote = ["receive", "--input", "-", "--device", f"{name}={args.remote_target}",
-                      "--stall-timeout", f"{sec.stall_timeout:g}"]
+            # A name with '=' goes as --device-name: the remote receiver need not split anything.
+            mapping = (["--device-name", name, "--device", args.remote_target] if "=" in name
+                       else ["--device", f"{name}={args.remote_target}"])
+            remote = ["receive", "--input", "-", *mapping, "--stall-timeout", f"{sec.stall_timeout:g}"]
             channel = secure.SshChannel(secure.parse_ssh_url(to), remote, stall_timeout=sec.stall_timeout,
                                         options=args.ssh_option or ())
         else:
@@ -302,7 +315,7 @@ def _link_factory(args, name: str):
 
 
 def _lock(folder) -> int:
-    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_file(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)   # a planted link is refused, not followed
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -395,9 +408,11 @@ def _run(args, folder, signals: _Signals) -> int:
 
     socket_path = args.serve_socket or str(folder / "nbd.sock")
     if args.backend == "nbd":
-        source = NbdSource(args.device, socket_path=socket_path, folder=folder, on_event=on_nbd_event)
+        mode, gid = socket_mode("--serve-socket", args.serve_socket_mode, args.serve_socket_group)
+        source = NbdSource(args.device, socket_path=socket_path, folder=folder, on_event=on_nbd_event,
+                           socket_mode=mode, socket_gid=gid)
     else:
-        if args.serve_socket:
+        if args.serve_socket or args.serve_socket_mode is not None or args.serve_socket_group is not None:
             raise UsageError("--serve-socket is for --backend nbd: with era and snapshot, writers keep using "
                              f"{args.device} itself")
         options = {"cow_size": args.cow_size} if args.cow_size else {}

@@ -8,7 +8,7 @@ import sys
 import json
 
 from blocktrack import secure, transport
-from blocktrack.commands.common import add_json_flag, device_spec, make_progress, print_summary
+from blocktrack.commands.common import add_device_arguments, add_json_flag, make_progress, named_devices, print_summary
 from blocktrack.errors import UsageError
 from blocktrack.migrate.live_receiver import serve_migration
 from blocktrack.migrate.receiver import receive_stream
@@ -39,7 +39,10 @@ Security: --listen binds to 127.0.0.1 unless an address is named, and the sender
 authenticate before any byte of the stream is read: TLS 1.3 with certificates on both sides
 (--tls-cert/--tls-key/--tls-ca), or a pre-shared key (--psk-file). Plain TCP needs --insecure.
 A connection that fails authentication is refused (reported, nothing read) and the receiver
-goes on listening for the sender that can authenticate.
+goes on listening for the sender that can authenticate. Connections are authenticated side by
+side, each within --handshake-timeout; over --max-handshakes-per-address (or --max-handshakes)
+the oldest handshake makes way for the newest, so connections that never authenticate cannot
+keep the sender out. The first connection that authenticates is the one read; the others are closed.
 Over ssh (`migrate --to ssh://HOST`) the sender runs `blocktrack receive --input -` here
 itself; ssh authenticates, and the replies go back on stdout. A sender that sends nothing
 for --stall-timeout seconds (keep-alives count) ends the receive with exit status 5."""
@@ -60,12 +63,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("receive", help="write a block-migration stream onto targets",
                                    description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", action="append", required=True, metavar="NAME=PATH", type=device_spec,
-                        help="the target for the stream's device NAME (repeatable); other names are refused")
+    add_device_arguments(parser, "the target for the stream's device NAME (repeatable); other names are refused")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--input", metavar="FILE|-", help="read the stream from FILE, or from stdin with -")
     where.add_argument("--listen", metavar="[HOST]:PORT",
-                       help="accept one TCP connection and read the stream from it (HOST defaults to 127.0.0.1, "
+                       help="accept one authenticated TCP connection and read the stream from it (HOST defaults to "
+                            "127.0.0.1, "
                             "loopback only: name an address, e.g. 0.0.0.0:7000, to be reachable from elsewhere; "
                             "port 0 picks a free port, printed on stderr). Needs --tls-*, --psk-file or "
                             "--insecure")
@@ -115,6 +118,7 @@ def _read_head(source, n: int) -> bytes:
 
 
 def run(args) -> int:
+    devices = named_devices(args)
     sec = secure.from_args(args, tcp=bool(args.listen))
     progress = make_progress(args, "receive", False) if args.listen else None
     if args.listen:
@@ -149,7 +153,7 @@ def run(args) -> int:
             if progress is None:
                 progress = make_progress(args, "receive", stdio_migration)
             try:
-                summary = serve_migration(channel, head, args.device, state_root=state_root(args.state_dir),
+                summary = serve_migration(channel, head, devices, state_root=state_root(args.state_dir),
                                           progress=progress, depth=args.depth)
             finally:
                 if stdio_migration:
@@ -157,8 +161,9 @@ def run(args) -> int:
         else:
             if progress is None:
                 progress = make_progress(args, "receive", False)
-            summary = receive_stream(_Prefixed(head, source), args.device, progress=progress, depth=args.depth,
-                                     expect_full=args.expect_full, tail_padding=args.tail_padding)
+            summary = receive_stream(_Prefixed(head, source), devices, progress=progress, depth=args.depth,
+                                     expect_full=args.expect_full, tail_padding=args.tail_padding,
+                                     state_root=state_root(args.state_dir))
     finally:
         if progress is not None:
             progress.close()

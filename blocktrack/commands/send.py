@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from blocktrack import secure, transport
-from blocktrack.commands.common import add_json_flag, device_spec, make_progress, parse_size, print_summary
+from blocktrack.commands.common import (add_device_arguments, add_json_flag, make_progress, named_devices,
+                                        parse_size, print_summary, remote_device_spec)
 from blocktrack.errors import PeerError, UsageError
 from blocktrack.migrate.sender import send_devices
 
@@ -32,17 +33,16 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("send", help="stream devices in QEMU's block-migration format",
                                    description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", action="append", required=True, metavar="NAME=PATH", type=device_spec,
-                        help="a device or image file to send, and the name it has on the wire (repeatable)")
+    add_device_arguments(parser, "a device or image file to send, and the name it has on the wire (repeatable)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--output", metavar="FILE|-", help="write the stream to FILE, or to stdout with -")
     where.add_argument("--to", metavar="HOST:PORT|ssh://[USER@]HOST[:PORT][/PATH]",
                        help="connect to a `blocktrack receive --listen` and send there (with --tls-*, --psk-file "
                             "or --insecure), or run `blocktrack receive --input -` on HOST over ssh (PATH: the "
                             "remote blocktrack command, default `blocktrack`)")
-    parser.add_argument("--remote-device", action="append", metavar="NAME=PATH", type=device_spec,
-                        help="ssh: the remote target for device NAME (repeatable); passed to the remote "
-                             "`blocktrack receive --device`")
+    parser.add_argument("--remote-device", action="append", metavar="NAME=PATH", type=remote_device_spec,
+                        help="ssh: the remote target for device NAME (repeatable); passed whole to the remote "
+                             "`blocktrack receive --device`, which splits it as --device says")
     parser.add_argument("--ssh-option", action="append", metavar="KEY=VALUE",
                         help="ssh: an extra `ssh -o KEY=VALUE` (repeatable), e.g. IdentityFile=~/.ssh/mig")
     parser.add_argument("--envelope", choices=("qemu", "none"), default="qemu",
@@ -61,6 +61,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    devices = named_devices(args)
     data_on_stdout = args.output == "-"
     ssh = bool(args.to) and secure.is_ssh_url(args.to)
     sec = secure.from_args(args, tcp=bool(args.to) and not ssh)
@@ -71,8 +72,8 @@ def run(args) -> int:
             raise UsageError("--to ssh://... needs --remote-device NAME=PATH for each device: the targets the "
                              "remote `blocktrack receive` writes")
         remote = ["receive", "--input", "-"]
-        for spec in args.remote_device:
-            remote += ["--device", f"{spec.name}={spec.path}"]
+        for text in args.remote_device:
+            remote += ["--device", text]
         sink = secure.SshChannel(secure.parse_ssh_url(args.to), remote, stall_timeout=sec.stall_timeout,
                                  options=args.ssh_option or ())
     elif args.to:
@@ -83,7 +84,7 @@ def run(args) -> int:
         sink = transport.RateLimitedSink(sink, args.rate_limit)
     progress = make_progress(args, "send", data_on_stdout)
     try:
-        summary = send_devices(args.device, sink, envelope=args.envelope, zero_blocks=args.zero_blocks,
+        summary = send_devices(devices, sink, envelope=args.envelope, zero_blocks=args.zero_blocks,
                                progress=progress, depth=args.depth)
         channel = sink.inner if args.rate_limit else sink
         if ssh:

@@ -51,7 +51,11 @@ class ReceiverLink:
         self._heartbeat = None
         try:
             self._send(C.encode_hello(hello))
-            kind, body = self._read_message(C.ACCEPT_HEAD.size + C.bitmap_bytes(self.nchunks))
+            # A resuming receiver reads back the chunks it holds before it answers, sending
+            # keep-alives meanwhile: each bounds the wait by the stall timeout, not the whole.
+            kind = C.KEEPALIVE
+            while kind == C.KEEPALIVE:
+                kind, body = self._read_message(C.ACCEPT_HEAD.size + C.bitmap_bytes(self.nchunks))
             if kind == C.REFUSE:
                 raise Refused(*C.decode_refuse(body))
             if kind == C.ERROR:
@@ -187,7 +191,7 @@ class ReceiverLink:
                         self._cond.notify_all()
                     continue
                 if kind == C.RESULT:
-                    result = C.decode_result(body)
+                    result = C.decode_result(body, self.nchunks)
                     with self._cond:
                         self.result = result
                         self._cond.notify_all()

@@ -10,7 +10,9 @@ The wall (receiver.py, invariant 4) stands as before — every block record pass
 3. the target is at least as large as the device (else REFUSE "size"): a smaller target would lose
    the device's tail, so nothing is written at all;
 4. a resume (flag RESUME) names the migration id this target already belongs to (else REFUSE
-   "migration id"): a target half-written by migration A is never continued by migration B;
+   "migration id"): a target half-written by migration A is never continued by migration B; nor
+   is a target that a plain ``blocktrack receive`` wrote since (receiver.py marks the record
+   "overwritten": what the target held is unknown, the migration must start over);
 5. no other stream is writing the target (an exclusive flock on it, receiver.lock_target; else
    REFUSE "target").
 
@@ -23,10 +25,16 @@ resume point from those. The chunks of this migration that are on stable storage
 ``held.map`` (savedstate.py), so a receiver restarted after a dropped connection can accept the
 resume and tell the sender what it already has.
 
+The digest map (verify.DigestMap): the digest of each chunk as it is written, hashed from the
+buffer it was just received into, before it is submitted (zero chunks: the digest of zeros). On a resume
+``held.map`` only says which chunks need not be sent again; their digests are read back from the
+target before ACCEPT (keep-alives go out meanwhile), so anything that wrote the target between two
+connections shows in the comparison at the cutover, whatever the saved files say.
+
 At the END frame: flush and sync; the target must hold every chunk of the device (the sender's
-early finish, QEMU 7.2's bug, is caught here too); the chunks written in the final part (or all
-of them for VERIFY_FULL) are read back from the target and their digests sent as RESULT. The
-sender compares them with its frozen source and sends a VERDICT: exit 0 only for "verified".
+early finish, QEMU 7.2's bug, is caught here too); the whole digest map (or for VERIFY_FULL the
+digests of every chunk read back from the target) goes back as RESULT. The sender compares it
+with its own and sends a VERDICT: exit 0 only for "verified".
 
 A connection that ends early leaves the target with whole records only, flushed; the held map says
 which chunks are there, and the error says to resume.
@@ -46,7 +54,7 @@ from blocktrack.migrate.failures import VerifyError
 from blocktrack.migrate.receiver import _Target, apply_block, lock_target
 from blocktrack.migrate.savedstate import TargetState, make_folder, target_folder
 from blocktrack.migrate.sender import DeviceSpec
-from blocktrack.migrate.verify import digest_chunks
+from blocktrack.migrate.verify import DigestMap, digest_chunks
 from blocktrack.transport import Heartbeat
 from blocktrack.wire import CHUNK_SIZE, StreamReader
 from blocktrack.wire import control as C
@@ -189,9 +197,12 @@ def serve_migration(channel, head: bytes, specs: list[DeviceSpec], *, state_root
 
 
 def _serve_locked(conn, hello, spec, target_size, refuse, state_root, progress, depth) -> dict:
-    folder = make_folder(target_folder(state_root, spec.path))
     mid = hello.migration_id.hex()
-    saved = TargetState.load(folder)
+    try:
+        folder = make_folder(target_folder(state_root, spec.path))
+        saved = TargetState.load(folder)
+    except UsageError as exc:     # a state folder someone else could change (safepath.py), a damaged record
+        refuse(C.REFUSE_TARGET, f"the receiver's state folder: {exc}")
     held = DirtyMap(hello.nchunks, hello.chunk_size)
     if hello.resume:
         if saved is None or saved.migration_id != mid or saved.device != hello.device or saved.size != hello.size:
@@ -199,6 +210,11 @@ def _serve_locked(conn, hello, spec, target_size, refuse, state_root, progress, 
             refuse(C.REFUSE_MIGRATION, f"cannot resume migration {mid}: target {spec.path} belongs to {what}")
         if saved.status == "verified":
             refuse(C.REFUSE_MIGRATION, f"migration {mid} already completed and was verified on {spec.path}")
+        if saved.status == "overwritten":
+            refuse(C.REFUSE_MIGRATION, f"cannot resume migration {mid}: target {spec.path} was written outside it "
+                                       f"since ({saved.overwritten or 'by another stream'}), so what it holds of the "
+                                       "migration is unknown; start the migration over with `blocktrack migrate "
+                                       "... --restart`")
         try:
             held = DirtyMap.load(TargetState.held_path(folder))
         except (BlocktrackError, OSError):
@@ -212,40 +228,62 @@ def _serve_locked(conn, hello, spec, target_size, refuse, state_root, progress, 
     state.status = "receiving"
     held.save(TargetState.held_path(folder))
     state.save(folder)
-
     try:
-        target = _Target(spec, depth, hello.chunk_size)
+        TargetState.reserve_room(folder)
     except BlocktrackError as exc:
-        refuse(C.REFUSE_TARGET, str(exc), UsageError if isinstance(exc, UsageError) else DeviceError)
+        refuse(C.REFUSE_TARGET, f"no room left in the receiver's state folder: {exc}", DeviceError)
+
+    digests = DigestMap(hello.nchunks, hello.chunk_size, hello.size)
     heartbeat = None
+    target = None
     try:
-        conn.send(C.encode_accept(target_size, hello.nchunks, held.ranges()))
         if conn.channel.stall_timeout:
             heartbeat = Heartbeat(conn.channel, C.reply(C.KEEPALIVE), conn.channel.stall_timeout / 3)
+        if held.count() and not hello.verify_full:  # VERIFY_FULL reads every chunk back at the end anyway
+            try:
+                _read_back(spec.path, held, digests, hello, depth, progress)
+            except BlocktrackError as exc:
+                refuse(C.REFUSE_TARGET, f"cannot read back the chunks target {spec.path} holds: {exc}", DeviceError)
+        try:
+            target = _Target(spec, depth, hello.chunk_size)
+        except BlocktrackError as exc:
+            refuse(C.REFUSE_TARGET, str(exc), UsageError if isinstance(exc, UsageError) else DeviceError)
+        conn.send(C.encode_accept(target_size, hello.nchunks, held.ranges()))
         if progress is not None:
             progress.event("migration", migration_id=mid, device=hello.device, target=spec.path, size=hello.size,
                            resume=hello.resume, attempt=hello.attempt, held_chunks=held.count())
-        return _receive(conn, hello, target, held, state, folder, progress)
+        return _receive(conn, hello, target, held, digests, state, folder, progress)
     finally:
         if heartbeat is not None:
             heartbeat.stop()
-        try:
-            target.writer.close()
-        except BlocktrackError:
-            pass
+        if target is not None:
+            try:
+                target.writer.close()
+            except BlocktrackError:
+                pass
+        TargetState.release_room(folder)
 
 
+def _read_back(path: str, held: DirtyMap, digests: DigestMap, hello: C.Hello, depth: int, progress) -> None:
+    """Resume: the digests of the chunks the target holds, from the target as it is now (read once,
+    hashed in the reader's I/O threads). Anything that wrote the target since the last connection
+    then differs from the sender's map at the cutover: no saved file is trusted for the data."""
+    started = time.monotonic()
+    for index, digest in digest_chunks(path, list(held), chunk_size=hello.chunk_size, size=hello.size,
+                                       depth=depth).items():
+        digests.set(index, digest)
+    if progress is not None:
+        progress.event("held_read_back", chunks=held.count(), seconds=round(time.monotonic() - started, 3))
 
-def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap, state: TargetState,
-             folder: Path, progress) -> dict:
+
+def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap, digests: DigestMap,
+             state: TargetState, folder: Path, progress) -> dict:
     started = time.monotonic()
     source = FramedSource(conn)
     reader = StreamReader(source, chunk_size=hello.chunk_size)
     chunk = hello.chunk_size
     written_here = 0
     done_bytes = 0
-    part: set[int] = set()
-    last_part: set[int] = set()
     durable_at = 0
     acked_at = 0
     unflushed = 0  # device bytes written since the last flush (zero chunks count in full)
@@ -264,7 +302,6 @@ def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap,
             if record is None:
                 break
             if record.kind == "eos":
-                last_part, part = part, set()
                 make_durable()
                 continue
             if record.kind != "block":
@@ -272,10 +309,9 @@ def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap,
             if record.device != hello.device:
                 raise StreamError(f"block record for device {record.device!r} in the migration of {hello.device!r}",
                                   record.offset, record.device)
-            offset, length = apply_block(reader, record, target, chunk, limit=hello.size)
+            offset, length = apply_block(reader, record, target, chunk, limit=hello.size, digests=digests)
             index = offset // chunk
             held.mark(index)
-            part.add(index)
             written_here += 1
             target.chunks += 1
             done_bytes += length
@@ -304,12 +340,17 @@ def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap,
         _send_error(conn, message)
         raise StreamError(message, device=hello.device)
 
-    scope = C.SCOPE_FULL if hello.verify_full else C.SCOPE_FINAL_PART
-    indexes = range(hello.nchunks) if hello.verify_full else sorted(last_part)
-    digests = digest_chunks(target.spec.path, indexes, chunk_size=chunk, size=hello.size)
+    if hello.verify_full:
+        scope = C.SCOPE_FULL
+        digests = DigestMap(hello.nchunks, chunk, hello.size)
+        for index, digest in digest_chunks(target.spec.path, range(hello.nchunks), chunk_size=chunk,
+                                           size=hello.size).items():
+            digests.set(index, digest)
+    else:
+        scope = C.SCOPE_MAP  # as written (flushed above: every I/O thread has stored its digest)
     state.status = "complete"
     state.save(folder)
-    conn.send(C.encode_result(scope, written_here, held.count(), hello.nchunks, digests))
+    conn.send(C.encode_result(scope, written_here, held.count(), hello.nchunks, digests.raw))
     try:
         verdict, message = source.read_verdict()
     except (StreamError, PeerError) as exc:
@@ -330,7 +371,7 @@ def _receive(conn: _Connection, hello: C.Hello, target: _Target, held: DirtyMap,
         "zero_chunks": target.zero_chunks,
         "chunks_held": held.count(),
         "target_chunks": hello.nchunks,
-        "chunks_verified": len(digests),
+        "chunks_verified": hello.nchunks,
         "verify": C.SCOPE_NAMES[scope],
         "stream_bytes": reader.offset,
         "device_bytes": done_bytes,
@@ -349,19 +390,30 @@ def _send_error(conn: _Connection, message: str) -> None:
 
 def _interrupted(target: _Target, held: DirtyMap, state: TargetState, folder: Path, conn: _Connection,
                  exc: BaseException) -> None:
-    """Keep what is durable after a failure: flush whole records, save the held map, say why."""
+    """Keep what is durable after a failure: record "interrupted", flush whole records, save the held
+    map, say why.
+
+    ``exc`` is the first error and the one reported; this clean-up must never replace it. What the
+    clean-up itself can raise is a BlocktrackError: the writer's flush and the atomic saves turn
+    every OSError into an IOFailure (errors.check), so that is what is caught. Its failures are
+    added to the message instead. The record comes first and gets the room kept for it: when the
+    target filled the filesystem that also holds the state folder, only that room is left."""
     if not isinstance(exc, (PeerError, StreamTruncated)):
         _send_error(conn, str(exc))
+    lost = []
+    TargetState.release_room(folder)
+    was, state.status = state.status, "interrupted"
+    try:
+        state.save(folder)
+    except BlocktrackError as problem:
+        lost.append(f"the target's record could not be updated and still says {was!r} ({problem})")
     try:
         target.writer.flush()
         held.save(TargetState.held_path(folder))  # else the map saved at the last durable point stands
     except BlocktrackError:
-        pass
-    state.status = "interrupted"
-    try:
-        state.save(folder)
-    except OSError:
-        pass
+        pass                        # a failed flush is the first error again; an older map is safe to resume from
     if isinstance(exc, (StreamError, PeerError)):
         # Same exception (class, exit code, offset), with the way out added to its message.
         exc.args = (f"{exc}; {_RESUME_HINT}",)
+    if lost and isinstance(exc, BlocktrackError):
+        exc.args = (f"{exc}; also, {'; '.join(lost)}",)

@@ -33,11 +33,13 @@ Journal file layout (little-endian)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -49,6 +51,7 @@ from blocktrack.errors import UsageError
 from blocktrack.migrate.savedstate import boot_id
 from blocktrack.nbd.export import Export
 from blocktrack.nbd.server import NbdServer
+from blocktrack.safepath import open_file
 
 JOURNAL_MAGIC = b"BTJRNL1\n"
 _JOURNAL_HEAD = struct.Struct("<8sQQQ")
@@ -64,22 +67,31 @@ class IntentJournal:
         self.reset = False  # True when an existing journal could not be used
         length = _JOURNAL_HEAD.size + 4 * max(nchunks, 1)
         head = _JOURNAL_HEAD.pack(JOURNAL_MAGIC, nchunks, chunk_size, 0)
+        # Every open refuses a symbolic link (safepath.open_file); a new journal is made under a random
+        # O_EXCL name and renamed into place, so a link planted anywhere in the folder is never written.
         if not fresh:
             try:
-                with open(self.path, "rb") as f:
+                with os.fdopen(open_file(self.path, os.O_RDONLY), "rb") as f:
                     ok = f.read(_JOURNAL_HEAD.size) == head and os.fstat(f.fileno()).st_size == length
             except FileNotFoundError:
                 ok = False
             if not ok:
                 fresh, self.reset = True, True
         if fresh:
-            tmp = self.path.with_suffix(".new")
-            with open(tmp, "wb") as f:
-                f.write(head)
-                f.truncate(length)
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            for stale in self.path.parent.glob(self.path.name + ".*.new"):   # left by a killed start
+                stale.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".new", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(head)
+                    f.truncate(length)
+                    os.fsync(f.fileno())
+                os.rename(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        self._fd = open_file(self.path, os.O_RDWR)
         self._map = mmap.mmap(self._fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._gens = memoryview(self._map)[_JOURNAL_HEAD.size:].cast("I")
         if sys.byteorder != "little":  # pragma: no cover - the file format is little-endian
@@ -212,9 +224,11 @@ class NbdSource:
     backend = "nbd"
 
     def __init__(self, path: str, *, socket_path: str, folder: Path, chunk_size: int = CHUNK_SIZE,
-                 workers: int = 4, on_event=None):
+                 workers: int = 4, on_event=None, socket_mode: int = 0o600, socket_gid: int | None = None):
         self.path = os.fspath(path)
         self.socket_path = os.fspath(socket_path)
+        self.socket_mode = socket_mode      # the socket is created with it whatever the umask
+        self.socket_gid = socket_gid
         self.folder = Path(folder)
         self.chunk_size = chunk_size
         self.workers = workers
@@ -260,7 +274,7 @@ class NbdSource:
                     since = self.journal.written_since(int(generation))
             self.export.journal = self.journal
             self.server = NbdServer(self.export, workers=self.workers, on_event=self.on_event)
-            self.server.listen_unix(self.socket_path)
+            self.server.listen_unix(self.socket_path, mode=self.socket_mode, gid=self.socket_gid)
             self._thread = threading.Thread(target=self.server.serve_forever, name="nbd-serve", daemon=True)
             self._thread.start()
             if self.on_event is not None:

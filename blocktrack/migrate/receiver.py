@@ -11,7 +11,10 @@ first, in this order, so a bad stream stops *before* the write it would have cau
    larger than the target, and writing the rest would silently drop data.
 
 Each target is locked (lock_target, an exclusive flock) for the whole stream: a second concurrent
-stream to the same target is refused before it writes anything.
+stream to the same target is refused before it writes anything. Then, still before anything is
+written, a plain stream drops any live migration's record of the target (savedstate.
+invalidate_target_record): the target is about to hold other data, so that migration can no
+longer be resumed onto it as if it held what the record says.
 
 Writes go through ChunkWriter (O_DIRECT, several in flight). Success — exit 0 — only after the stream
 reached its proper end and every write was flushed and synced.
@@ -30,6 +33,8 @@ from contextlib import ExitStack
 from blocktrack.directio import CHUNK_SIZE, ChunkWriter, is_zero
 from blocktrack.dirtymap import DirtyMap
 from blocktrack.errors import BlocktrackError, DeviceError, StreamError, UsageError
+from blocktrack.migrate.savedstate import invalidate_target_record
+from blocktrack.migrate.verify import chunk_digest
 from blocktrack.migrate.sender import DeviceSpec, TransferSummary, unique_names
 from blocktrack.wire import SECTOR_SIZE, StreamReader
 
@@ -46,13 +51,14 @@ class _Target:
 
 def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int = 8,
                    expect_full: bool = False, chunk_size: int = CHUNK_SIZE,
-                   tail_padding: bool = False) -> TransferSummary:
+                   tail_padding: bool = False, state_root=None) -> TransferSummary:
     """Apply the stream read from ``source`` to the mapped targets; return what was written.
 
     With ``expect_full`` the stream must also have written every chunk of every target (a full copy),
     which catches a sender that stopped early (QEMU 7.2's block migration can). ``chunk_size`` is the
     wire format's 1 MiB except in the fuzzer, which uses small chunks to run fast. ``tail_padding``:
     bytes of a chunk past the target's end are padding, not data (see apply_block).
+    ``state_root``: the migrations folder whose records of these targets the stream invalidates.
     """
     unique_names(specs)
     if not specs:
@@ -63,6 +69,8 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
         targets: dict[str, _Target] = {}
         for spec in specs:
             cleanup.callback(os.close, lock_target(spec.path))
+            if state_root is not None:
+                invalidate_target_record(state_root, spec.path, "a plain `blocktrack receive` stream")
             target = _Target(spec, depth, chunk_size)
             cleanup.callback(_close_quietly, target.writer)
             targets[spec.name] = target
@@ -109,7 +117,7 @@ def receive_stream(source, specs: list[DeviceSpec], *, progress=None, depth: int
 
 
 def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
-                limit: int | None = None, tail_padding: bool = False) -> tuple[int, int]:
+                limit: int | None = None, tail_padding: bool = False, digests=None) -> tuple[int, int]:
     """Check one block record against its target and write it (checks 3 and 4 of the docstring).
 
     ``limit`` is the end of the writable range (the target's size unless a migration handshake
@@ -121,6 +129,9 @@ def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
     them with whatever its buffer held (seen in the tests: zeros usually, garbage sometimes) and its
     own loader ignores them; ``tail_padding`` (receive --tail-padding) does as QEMU's loader does.
     A migration stream announces its device's size, so this question never arises there.
+
+    ``digests`` (a verify.DigestMap, live migrations): gets the digest of the bytes written, hashed
+    from the buffer just received, while it is in cache (a zero chunk: the digest of zeros).
     """
     limit = target.size if limit is None else min(limit, target.size)
     if record.sector % (chunk_size // SECTOR_SIZE):
@@ -132,7 +143,9 @@ def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
                           f"({limit} bytes)", record.offset, record.device)
     length = min(chunk_size, limit - offset)
     if record.zero:
-        target.writer.write_zeroes(offset, length)
+        target.writer.write_zeroes(offset, length)  # after any earlier write of the chunk: see ChunkWriter
+        if digests is not None:
+            digests.set_zero(offset // chunk_size)
         target.zero_chunks += 1
     else:
         token, buf = target.writer.buffer()
@@ -142,6 +155,8 @@ def apply_block(reader: StreamReader, record, target: _Target, chunk_size: int,
                 f"chunk at sector {record.sector} carries data past the end of target "
                 f"{target.spec.path} ({limit} bytes): the source is larger than the target",
                 record.offset, record.device)
+        if digests is not None:  # hashed now, while the bytes just received are in this core's cache
+            digests.set(offset // chunk_size, chunk_digest(buf[:length]))
         target.writer.submit(token, offset, length)
     return offset, length
 

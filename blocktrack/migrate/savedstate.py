@@ -12,6 +12,12 @@ or target, named after the path (basename, then a hash of the real path so two d
     source/<key>/control.sock     while `blocktrack migrate` runs: its control socket (release)
     target/<key>/target.json      the receiver's view of the migration that writes this target
     target/<key>/held.map         the chunks of that migration on the target's stable storage
+                                  (which chunks need not be sent again; never trusted for their
+                                  contents: a resumed receiver reads their digests back)
+    target/<key>/reserve          while `blocktrack receive` runs: room kept for the record (below)
+
+Every folder here is created 0700 and used only while nobody but root (or the caller) can change
+it or any folder above it; files are opened without following symbolic links (safepath.py).
 
 What "owed" means (the resume invariant). At checkpoint N the sender records the durable bulk
 cursor (every chunk below it is on the target's stable storage, as the receiver acknowledged) and a
@@ -21,6 +27,13 @@ the tracker's record of writes after the checkpoint (``checkpoint`` below, e.g. 
 generation), that is everything a resumed run must send. JSON files and maps are written to a
 temporary name, synced and renamed, and the map of checkpoint N is only removed once the JSON that
 names checkpoint N + 1 is in place: a sender killed at any instant leaves a consistent pair.
+
+No digest is saved on either end: verification must not depend on these files (verify.py).
+
+A target's record stands only while nothing else writes the target: a plain ``blocktrack
+receive`` marks it "overwritten" and drops held.map before it writes (invalidate_target_record),
+and a resume onto an overwritten target is refused. Writes by other programs are not seen here;
+the digest comparison at the cutover catches them.
 """
 
 from __future__ import annotations
@@ -36,9 +49,11 @@ from pathlib import Path
 from blocktrack.atomicfile import atomic_write
 from blocktrack.dirtymap import DirtyMap
 from blocktrack.errors import UsageError
+from blocktrack.safepath import is_folder, read_file, secure_folder
 
 DEFAULT_STATE_DIR = "/var/lib/blocktrack"
 STATE_VERSION = 1
+RESERVED_ROOM = 64 << 10    # bytes kept free for a target's last record (TargetState.reserve_room)
 
 
 def state_root(explicit: str | None = None) -> Path:
@@ -62,12 +77,17 @@ def target_folder(root: Path, target: str) -> Path:
 
 
 def make_folder(folder: Path) -> Path:
-    try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise UsageError(f"cannot create the state folder {folder}: {exc.strerror} "
-                         "(choose another with --state-dir or BLOCKTRACK_STATE_DIR)") from None
+    """``folder``, created 0700 if missing, once nobody but root (or the caller) can change it or any
+    folder above it (safepath.py); UnsafePath otherwise."""
+    secure_folder(folder, base=_state_dir_of(folder))
     return folder
+
+
+def _state_dir_of(folder: Path) -> Path:
+    """The state directory above a source or target folder (``<state dir>/migrations/<role>/<key>``):
+    blocktrack's own from there down."""
+    parents = Path(os.path.abspath(folder)).parents
+    return parents[min(2, len(parents) - 1)]
 
 
 def write_json_atomically(path: Path, obj: dict) -> None:
@@ -76,8 +96,7 @@ def write_json_atomically(path: Path, obj: dict) -> None:
 
 def read_json(path: Path) -> dict | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = json.loads(read_file(path).decode("utf-8"))   # O_NOFOLLOW: a planted link is refused
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -108,6 +127,8 @@ class JsonRecord:
 
     @classmethod
     def load(cls, folder: Path):
+        if secure_folder(folder, create=False, base=_state_dir_of(folder)) is None:
+            return None
         obj = read_json(cls.path_in(folder))
         if obj is None:
             return None
@@ -185,8 +206,9 @@ class TargetState(JsonRecord):
     target: str                     # the path written
     size: int                       # the source device's size
     chunk_size: int
-    status: str = "receiving"       # receiving | interrupted | complete | verified | mismatch | failed
+    status: str = "receiving"       # receiving | interrupted | complete | verified | mismatch | failed | overwritten
     attempt: int = 1
+    overwritten: str = ""           # status "overwritten": by what, and when
     updated: float = 0.0
     version: int = STATE_VERSION
 
@@ -198,10 +220,49 @@ class TargetState(JsonRecord):
     def held_path(folder: Path) -> Path:
         return folder / "held.map"
 
+    @staticmethod
+    def reserve_room(folder: Path) -> None:
+        """Keep RESERVED_ROOM bytes of the state folder's filesystem for the record's last words.
+
+        The state folder often shares a filesystem with the target (/var/lib/blocktrack and an image
+        file on one root filesystem), and a target that fills it leaves no room for the record that
+        says "interrupted": release_room() gives this back first. Random bytes, so a compressing
+        filesystem keeps the room too."""
+        atomic_write(folder / "reserve", os.urandom(RESERVED_ROOM), what="keep room for the target's record")
+
+    @staticmethod
+    def release_room(folder: Path) -> None:
+        (folder / "reserve").unlink(missing_ok=True)
+
+
+
+def invalidate_target_record(root: Path, target: str, by: str) -> None:
+    """``target`` is about to be written outside any migration (``by`` says how): a migration
+    recorded for it can no longer be resumed there. Keeps the record, marked "overwritten" (so
+    the refusal can say why), and drops held.map, before the first write. Creates nothing."""
+    folder = target_folder(root, target)
+    try:
+        saved = TargetState.load(folder)
+    except UsageError:
+        saved = None  # unreadable: held.map alone must not survive it
+    if saved is not None and saved.status != "overwritten":
+        saved.status = "overwritten"
+        saved.overwritten = f"by {by} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+        saved.save(folder)
+    try:
+        TargetState.held_path(folder).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cannot drop the migration record {TargetState.held_path(folder)} of {target}, which "
+                         f"is about to be overwritten: {exc.strerror}") from None
 
 
 def recorded_migrations(root: Path) -> tuple[list[SourceState], list[TargetState]]:
     """Every migration recorded under ``root`` (the migrations folder): sources, then targets."""
-    sources = [s for s in (SourceState.load(f) for f in sorted((root / "source").glob("*")) if f.is_dir()) if s]
-    targets = [t for t in (TargetState.load(f) for f in sorted((root / "target").glob("*")) if f.is_dir()) if t]
-    return sources, targets
+    found = {}
+    for role, cls in (("source", SourceState), ("target", TargetState)):
+        folder = secure_folder(root / role, create=False, base=root.parent)
+        entries = sorted(folder.iterdir()) if folder is not None else []
+        found[role] = [r for r in (cls.load(f) for f in entries if is_folder(f)) if r]
+    return found["source"], found["target"]

@@ -12,6 +12,7 @@ the iteration is reached; any split is valid for its loader).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -31,9 +32,27 @@ class DeviceSpec:
 
     @classmethod
     def parse(cls, text: str) -> "DeviceSpec":
-        name, sep, path = text.partition("=")
-        if not sep or not name or not path:
+        """``NAME=PATH``. A device name may itself hold '=' (any UTF-8 goes on the wire), so with more
+        than one '=' the split is at the one that leaves an existing PATH, and a text that reads more
+        than one way (or none) is refused rather than guessed: a wrong guess could map a name to the
+        wrong target. ``named()`` (``--device-name NAME --device PATH``) needs no split at all."""
+        readings = [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == "=" and 0 < i < len(text) - 1]
+        if not readings:
             raise UsageError(f"--device wants NAME=PATH, got {text!r}")
+        if len(readings) > 1:
+            existing = [(name, path) for name, path in readings if os.path.exists(path)]
+            if len(existing) != 1:
+                what = "reads more than one way" if existing else "names no existing PATH however it is split"
+                listing = "; ".join(f"{name!r} → {path}" for name, path in existing or readings)
+                raise UsageError(f"--device {text!r} {what} ({listing}): say which with --device-name NAME "
+                                 "--device PATH")
+            readings = existing
+        return cls.named(*readings[0])
+
+    @classmethod
+    def named(cls, name: str, path: str) -> "DeviceSpec":
+        if not name or not path:
+            raise UsageError(f"a device needs a name and a path, got {name!r} and {path!r}")
         if len(name.encode()) > 255:
             raise UsageError(f"device name {name!r} is longer than 255 bytes (the wire format's limit)")
         return cls(name, path)

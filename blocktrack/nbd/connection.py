@@ -11,13 +11,16 @@ are in flight and replies leave in completion order, each tagged with its reques
 Sending. Replies are written by whichever worker holds ``_send_lock``, one ``sendmsg`` per batch:
 a worker appends its reply to ``_outq`` and, if the lock is free, sends everything queued (header
 and data buffers gathered, never joined); if another worker is sending, that one takes the new reply
-along. Whoever sent a reply then *finishes* its request: the buffer goes back to the pool, the
-connection's in-flight budget and the server's gate are released, counters updated (counters are
-only touched under ``_send_lock``). Under load this turns many small sends into few large ones.
+along. Whoever sent a reply then *finishes* its request: the reply's views of the buffer are
+released (``memoryview.release``) and the batch that carried them dropped, and only then does the
+buffer go back to the pool, so nothing refers to a buffer the pool may lend again; the budgets and
+the server's gate are released, counters updated (counters are only touched under ``_send_lock``).
+Under load this turns many small sends into few large ones.
 
-Budget. The reader bounds what is in flight with ``_budget`` (bytes of buffers held and a request
-count): when it is spent, the reader stops reading the socket until a request finishes, so a fast
-client cannot make us buffer without limit.
+Budget. The reader bounds what is in flight (budget.Budget): each READ or WRITE takes the size of
+its buffer from the connection's budget (bytes and a request count) and from the server's, shared
+by all its connections. When either is spent, the reader stops reading the socket until a request
+finishes, so neither one client nor many can make the server buffer without limit.
 
 Dirty marking happens inside Export.write_from / trim / write_zeroes, after the I/O and before they
 return; the reply is built only after that, so every change is marked before the client hears of
@@ -33,7 +36,14 @@ or block status past the end NBD_EINVAL; a write or write-zeroes past the end NB
 to a read-only export NBD_EPERM; a READ or WRITE longer than MAX_PAYLOAD NBD_EOVERFLOW (READ with
 structured replies) or NBD_EINVAL. A refused WRITE's payload is read and dropped so the stream
 stays in step. I/O errors are mapped to the spec's values (protocol.nbd_error). A bad request magic
-cannot be resynchronised: we hang up. With structured replies, errors carry a message.
+cannot be resynchronised: we hang up. With structured replies, errors carry a message. A buffer
+that cannot be mapped (ENOMEM) fails its request and the connection goes on.
+
+Bugs. No thread dies of an exception: one raised while serving a request answers it with NBD_EIO;
+one raised while sending replies or reading requests hangs up (the stream may be out of step).
+Either way the request is finished (buffer, budgets, gate), so the server's accounting stays right
+and a freeze can still complete; the error is kept in ``internal_errors`` and passed to
+``on_internal_error``.
 
 Ending. NBD_CMD_DISC, end of stream, a bad magic or a server shutdown stop the reader; requests
 already queued are finished and answered, the workers exit, and the socket is closed. A client that
@@ -48,9 +58,11 @@ import queue
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from blocktrack.nbd import metacontext
 from blocktrack.nbd import protocol as p
+from blocktrack.nbd.budget import Budget
 from blocktrack.nbd.export import BufferPool
 from blocktrack.nbd.handshake import Session
 from blocktrack.nbd.sockio import PeerClosed, recv_exact, send_all
@@ -58,14 +70,15 @@ from blocktrack.nbd.sockio import PeerClosed, recv_exact, send_all
 _RECEIVE_BUFFER = 256 * 1024     # request headers (and small payloads) arrive through this
 _SEND_BATCH = 512                # buffers per sendmsg (IOV_MAX is 1024)
 _HEADER = p.REQUEST.size
+_KEEP_INTERNAL_ERRORS = 100      # internal errors remembered per connection (the first ones)
 
 _READ, _WRITE = p.NBD_CMD_READ, p.NBD_CMD_WRITE
 _FAST_FLAGS = p.NBD_CMD_FLAG_FUA  # READ/WRITE with only these flags take the fast path
 
 
 class Request:
-    __slots__ = ("command", "flags", "cookie", "offset", "length", "buf", "cost", "budgeted", "admitted",
-                 "bytes_read", "bytes_written", "failed")
+    __slots__ = ("command", "flags", "cookie", "offset", "length", "buf", "reply", "cost", "budgeted", "shared",
+                 "admitted", "bytes_read", "bytes_written", "failed")
 
     def __init__(self, command: int, flags: int, cookie: int, offset: int, length: int):
         self.command = command
@@ -74,8 +87,10 @@ class Request:
         self.offset = offset
         self.length = length
         self.buf = None            # pooled mmap: a WRITE's payload or a READ's data
+        self.reply = None          # buffers to send (a READ's data as a memoryview of ``buf``)
         self.cost = 0              # budget bytes held
         self.budgeted = False      # holds a share of the connection's in-flight budget
+        self.shared = False        # holds a share of the server's in-flight budget
         self.admitted = False      # passed the server's gate (so must call gate.done())
         self.bytes_read = 0
         self.bytes_written = 0
@@ -141,7 +156,8 @@ class Connection:
     """Serve ``session`` on ``sock`` until the client leaves or the server stops: ``run()``."""
 
     def __init__(self, sock: socket.socket, session: Session, *, gate, pool: BufferPool, workers: int = 4,
-                 max_inflight_bytes: int = 64 << 20, max_inflight_requests: int = 128):
+                 max_inflight_bytes: int = 64 << 20, max_inflight_requests: int = 128,
+                 shared_budget: Budget | None = None, on_internal_error: Callable[[str], None] | None = None):
         self.sock = sock
         self.session = session
         self.export = session.export
@@ -153,12 +169,13 @@ class Connection:
         self.stats = ConnectionStats()
         self.end_reason = "open"
         self.internal_errors: list[str] = []
+        self.internal_error_count = 0
+        self.on_internal_error = on_internal_error
         self._contexts = list(session.contexts)
         self._structured = session.structured
         self._size = self.export.size
-        self._budget = threading.Condition()
-        self._inflight_bytes = 0
-        self._inflight_requests = 0
+        self._budget = Budget(self.max_inflight_bytes, self.max_inflight_requests)
+        self.shared_budget = shared_budget
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._send_lock = threading.Lock()
         self._outq: collections.deque = collections.deque()
@@ -174,6 +191,9 @@ class Connection:
             worker.start()
         try:
             self.end_reason = self._read_requests(_Receiver(self.sock))
+        except Exception as exc:  # a bug in the reader: hang up (see "Bugs" above)
+            self._note_internal_error("reading requests", exc)
+            self.end_reason = f"internal error: {type(exc).__name__}: {exc}: hung up"
         finally:
             for _ in workers:
                 self._queue.put(None)
@@ -219,29 +239,56 @@ class Connection:
                     except OSError as exc:
                         return f"receive failed: {exc.strerror or exc}"
                     request.failed = True
-                    self._complete(request, self._error_reply(request, *refusal))
+                    request.reply = self._error_reply(request, *refusal)
+                    self._complete(request)
                     continue
-            if command == _WRITE:
-                self._take_budget(request, length)
+            try:
+                ended = self._take_in(request, rx)
+            except Exception as exc:  # a bug: give back what the request holds, then hang up
+                self._note_internal_error(p.command_name(command), exc)
+                ended = f"internal error: {type(exc).__name__}: {exc}: hung up"
+            if ended is not None:
+                self._finish(request)
+                return ended
+            if request.reply is not None:  # refused after all (no buffer): answer it, not queued
+                self._complete(request)
+                continue
+            put(request)
+
+    def _take_in(self, request: Request, rx: _Receiver) -> str | None:
+        """Budgets, buffer, payload and the gate for a request that may run. Returns why the
+        connection ends (the caller finishes the request), or None: the request is admitted, or
+        refused with ``request.reply`` set."""
+        command, length = request.command, request.length
+        data = command == _READ or command == _WRITE
+        if not self._take_budget(request, BufferPool.size_class(length) if data else 0):
+            return "server shutting down"
+        if data:
+            try:
                 request.buf = self.pool.get(length)
+            except OSError as exc:  # no memory to map: this request fails, the connection goes on
+                request.failed = True
+                request.reply = self._error_reply(request, p.nbd_error(exc.errno or 0),
+                                                  f"no buffer for {length} bytes: {exc.strerror or exc}")
+                if command == _WRITE:
+                    try:
+                        rx.skip(length)
+                    except PeerClosed:
+                        return "client closed the connection in the middle of a WRITE payload (nothing written)"
+                    except OSError as err:
+                        return f"receive failed: {err.strerror or err}"
+                return None
+            if command == _WRITE:
                 try:
                     rx.payload_into(memoryview(request.buf)[:length])
                 except PeerClosed:
-                    self._finish(request)
                     return "client closed the connection in the middle of a WRITE payload (nothing written)"
                 except OSError as exc:
-                    self._finish(request)
                     return f"receive failed: {exc.strerror or exc}"
-            elif command == _READ:
-                self._take_budget(request, length)
-                request.buf = self.pool.get(length)
-            else:
-                self._take_budget(request, 0)
-            if not self.gate.admit():
-                self._finish(request)
-                return "server shutting down"
-            request.admitted = True
-            put(request)
+        if not self.gate.admit():
+            return "server shutting down"
+        request.admitted = True
+        return None
 
     def _check(self, r: Request) -> tuple[int, str] | None:
         """None when the request may run, else (NBD error, message) for its reply."""
@@ -272,32 +319,59 @@ class Connection:
 
     # -- in-flight budget -----------------------------------------------------------------------
 
-    def _take_budget(self, request: Request, length: int) -> None:
-        """Wait until the request fits in the in-flight budget (one request always fits), take it."""
-        cost = BufferPool.size_class(length) if length else 0
-        with self._budget:
-            while self._inflight_requests and (self._inflight_bytes + cost > self.max_inflight_bytes
-                                               or self._inflight_requests >= self.max_inflight_requests):
-                self._budget.wait()
-            self._inflight_bytes += cost
-            self._inflight_requests += 1
+    def _take_budget(self, request: Request, cost: int) -> bool:
+        """Wait until ``cost`` fits in the connection's budget and then in the server's, and take
+        it (see budget.Budget); False once the server is stopping."""
+        if not self._budget.take(cost):
+            return False
         request.cost = cost
         request.budgeted = True
+        if cost and self.shared_budget is not None:
+            if not self.shared_budget.take(cost):
+                return False
+            request.shared = True
+        return True
+
+    def stop(self) -> None:
+        """The server is stopping: a reader waiting for budget gives up (called by NbdServer)."""
+        self._budget.close()
 
     def _finish(self, request: Request) -> None:
-        """Give back what the request held: buffer, budget, its place at the gate."""
-        if request.buf is not None:
-            self.pool.put(request.buf)
-            request.buf = None
-        if request.budgeted:
-            request.budgeted = False
-            with self._budget:
-                self._inflight_bytes -= request.cost
-                self._inflight_requests -= 1
-                self._budget.notify()
-        if request.admitted:
-            request.admitted = False
-            self.gate.done()
+        """Give back what the request held: its reply's views and its buffer, its budgets, its place
+        at the gate. Idempotent; the budgets and the gate are given back whatever else fails."""
+        try:
+            reply, request.reply = request.reply, None
+            if reply is not None:
+                for part in reply:
+                    if isinstance(part, memoryview):
+                        part.release()  # nothing can read the buffer through the reply any more
+                del reply
+            buf, request.buf = request.buf, None
+            if buf is not None:
+                self.pool.put(buf)
+        finally:
+            if request.budgeted:
+                request.budgeted = False
+                self._budget.give(request.cost)
+            if request.shared:
+                request.shared = False
+                self.shared_budget.give(request.cost)
+            if request.admitted:
+                request.admitted = False
+                self.gate.done()
+
+    def _note_internal_error(self, what: str, exc: BaseException, request: Request | None = None) -> None:
+        if request is not None:
+            request.failed = True
+        text = f"{what}: {type(exc).__name__}: {exc}"
+        self.internal_error_count += 1
+        if len(self.internal_errors) < _KEEP_INTERNAL_ERRORS:
+            self.internal_errors.append(text)
+        if self.on_internal_error is not None:
+            try:
+                self.on_internal_error(text)
+            except Exception:
+                pass
 
     # -- workers --------------------------------------------------------------------------------
 
@@ -309,12 +383,18 @@ class Connection:
             if request is None:
                 return
             try:
-                reply = serve(request)
-            except Exception as exc:  # a bug: answer EIO rather than leave the client waiting
-                self.internal_errors.append(f"{p.command_name(request.command)}: {type(exc).__name__}: {exc}")
-                request.failed = True
-                reply = self._error_reply(request, p.NBD_EIO, "internal server error")
-            self._complete(request, reply)
+                try:
+                    request.reply = serve(request)
+                except Exception as exc:  # a bug: answer EIO rather than leave the client waiting
+                    self._note_internal_error(p.command_name(request.command), exc, request)
+                    request.reply = self._error_reply(request, p.NBD_EIO, "internal server error")
+                self._complete(request)
+            except Exception as exc:
+                # Nothing above raises by design; if something does, the reply may be lost or half
+                # sent: hang up, and give back what the request holds (finishing twice is harmless).
+                self._note_internal_error(f"answering {p.command_name(request.command)}", exc, request)
+                self._hang_up()
+                self._finish(request)
 
     def _serve(self, r: Request) -> list:
         """Do the request; return its reply as a list of buffers."""
@@ -352,10 +432,10 @@ class Connection:
 
     # -- replies --------------------------------------------------------------------------------
 
-    def _complete(self, request: Request, buffers: list) -> None:
-        """Queue a reply; send (with any others queued) unless another thread is sending."""
+    def _complete(self, request: Request) -> None:
+        """Queue a request's reply; send (with any others queued) unless another thread is sending."""
         outq = self._outq
-        outq.append((request, buffers))
+        outq.append(request)
         lock = self._send_lock
         # Whoever holds the lock re-checks the queue after releasing it, so no reply is stranded.
         while outq and lock.acquire(blocking=False):
@@ -370,20 +450,27 @@ class Connection:
         while outq:
             batch, done = [], []
             while outq and len(batch) < _SEND_BATCH:
-                request, buffers = outq.popleft()
-                batch.extend(buffers)
+                request = outq.popleft()
+                batch.extend(request.reply or ())
                 done.append(request)
             if not self._broken:
                 try:
                     send_all(self.sock, batch)
                 except OSError:
                     self._hang_up()
+                except Exception as exc:  # a bug: part of a reply may have gone out; the stream is lost
+                    self._note_internal_error("sending replies", exc)
+                    self._hang_up()
+            batch.clear()  # the batch's views of the buffers go before the buffers go back
             for request in done:
                 stats.requests += 1
                 stats.bytes_read += request.bytes_read
                 stats.bytes_written += request.bytes_written
                 stats.errors += request.failed
-                self._finish(request)
+                try:
+                    self._finish(request)
+                except Exception as exc:  # the budgets and the gate were given back all the same
+                    self._note_internal_error(f"finishing {p.command_name(request.command)}", exc)
 
     def _flush_replies(self) -> None:
         with self._send_lock:

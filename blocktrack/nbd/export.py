@@ -23,7 +23,9 @@ direct-I/O alignment uses the first, anything else the second; the kernel keeps 
 Buffers. ``BufferPool`` hands out page-aligned ``mmap`` buffers by power-of-two size class and
 keeps a bounded number of them, so a busy connection does not pay for mapping and faulting fresh
 pages on every request, and the server's memory stays bounded (which matters once it runs under
-mlockall for the kernel backend).
+mlockall for the kernel backend). A buffer is lent to one request and given back once nothing
+refers to it any more (the connection releases its reply's views of it first); the pool never
+closes a buffer: one it does not keep is dropped, and its mapping goes with the last reference.
 """
 
 from __future__ import annotations
@@ -67,14 +69,26 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class BufferPool:
-    """Page-aligned buffers by power-of-two size class, reused up to ``keep_bytes`` in total."""
+    """Page-aligned buffers by power-of-two size class, reused up to ``keep_bytes`` in total.
+
+    With ``limit_bytes``, the buffers lent and those kept for reuse never add up to more than that
+    (kept ones are dropped to make room): the server passes its in-flight budget, which already
+    bounds the bytes lent, so all request data fits in it.
+
+    Lifetime: ``put`` takes a buffer back only when nothing refers to it any more. The pool never
+    calls ``close()``: closing a mapping that a memoryview still exports raises BufferError (and
+    reading through that view afterwards would fault), so a buffer that is not kept is simply
+    dropped, and CPython unmaps it when its last reference goes.
+    """
 
     MIN_SIZE = 4096
 
-    def __init__(self, keep_bytes: int = 128 << 20):
+    def __init__(self, keep_bytes: int = 128 << 20, limit_bytes: int | None = None):
         self.keep_bytes = keep_bytes
+        self.limit_bytes = limit_bytes
         self._free: dict[int, list[mmap.mmap]] = {}
         self._kept = 0
+        self._lent = 0
         self._lock = threading.Lock()
 
     @classmethod
@@ -88,26 +102,48 @@ class BufferPool:
         """A buffer of at least ``length`` bytes (its contents are whatever was left in it)."""
         size = self.size_class(length)
         with self._lock:
+            self._lent += size
             free = self._free.get(size)
             if free:
                 self._kept -= size
                 return free.pop()
+            if self.limit_bytes is not None:
+                self._shrink(self.limit_bytes - self._lent)
         return mmap.mmap(-1, size)
 
     def put(self, buf: mmap.mmap) -> None:
+        """Take back a buffer from get(); the caller holds no view of it any more."""
         size = len(buf)
         with self._lock:
-            if self._kept + size <= self.keep_bytes:
+            self._lent -= size
+            room = self.keep_bytes
+            if self.limit_bytes is not None:
+                room = min(room, self.limit_bytes - self._lent)
+            if self._kept + size <= room:
                 self._free.setdefault(size, []).append(buf)
                 self._kept += size
-                return
-        buf.close()
+
+    def _shrink(self, room: int) -> None:
+        """Drop kept buffers, largest first, until they fit in ``room`` bytes (lock held)."""
+        for size in sorted(self._free, reverse=True):
+            free = self._free[size]
+            while free and self._kept > max(room, 0):
+                free.pop()
+                self._kept -= size
+            if self._kept <= max(room, 0):
+                break
+
+    @property
+    def lent_bytes(self) -> int:
+        return self._lent
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept
 
     def clear(self) -> None:
+        """Drop every kept buffer."""
         with self._lock:
-            for free in self._free.values():
-                for buf in free:
-                    buf.close()
             self._free.clear()
             self._kept = 0
 

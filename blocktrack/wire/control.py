@@ -9,7 +9,8 @@ read exactly the lengths these headers announce. All integers are big-endian.
 Connection, in order::
 
     sender → receiver   HELLO                      once, the first bytes of the connection
-    receiver → sender   ACCEPT | REFUSE            before any data moves
+    receiver → sender   KEEPALIVE ... ACCEPT | REFUSE   before any data moves (keep-alives while a
+                                               resuming receiver reads back what it holds)
     sender → receiver   DATA frames ... END        the migration stream, cut into frames
     receiver → sender   ACK ...                    while the stream arrives
     receiver → sender   RESULT | ERROR             after END: the digests, or why it failed
@@ -21,7 +22,7 @@ our last byte 0xff sets flag bits 0xf0, which no record may carry, so no valid b
 with HELLO_MAGIC::
 
     0   8  magic          b"BTMIGRT\\xff"
-    8   2  version        2 (1 had no keep-alives)
+    8   2  version        3 (2 sent digests of the final part only; 1 had no keep-alives)
     10  2  flags          0x1 RESUME (continue migration <id>), 0x2 VERIFY_FULL (digest every chunk)
     12  16 migration id   random, chosen by the sender when the migration starts, kept on resume
     28  8  device size    bytes of the source device
@@ -47,7 +48,8 @@ Receiver messages (9-byte header, then the payload)::
 
     0   4  magic          b"BTRV"
     4   1  type           1 ACCEPT, 2 REFUSE, 3 ACK, 4 RESULT, 5 ERROR, 6 KEEPALIVE (no payload; as the
-                          sender's, while the receiver is busy, e.g. digesting the target)
+                          sender's, while the receiver is busy: reading back the chunks it holds
+                          before ACCEPT on a resume, flushing, digesting the target)
     5   4  length         payload bytes
     ACCEPT  be64 target size, be64 nchunks, be64 chunks held, then ceil(nchunks / 8) bytes: bit i
             (byte i >> 3, bit i & 7) set when chunk i of this migration is on the target's stable
@@ -55,13 +57,19 @@ Receiver messages (9-byte header, then the payload)::
     REFUSE  be16 reason (REFUSE_* below), UTF-8 message
     ACK     be64 received: stream bytes parsed and handed to the target's writer;
             be64 durable: stream bytes whose writes are flushed and synced (resume starts from here)
-    RESULT  u8 algorithm (1 XXH3_128), u8 scope (1 FINAL_PART, 2 FULL), be64 chunks written on this
-            connection, be64 chunks held in all (this migration), be64 nchunks, be32 count, then
-            count x (be64 chunk index, 16-byte digest of the chunk as read back from the target)
+    RESULT  u8 algorithm (1 XXH3_128), u8 scope (2 FULL, 3 MAP), be64 chunks written on this
+            connection, be64 chunks held in all (this migration), be64 nchunks, then nchunks x 16
+            bytes: the digest of chunk i at 16 * i, for every chunk of the device (16 zero bytes
+            for a chunk the receiver has no digest of, which never matches)
     ERROR   UTF-8 message: the receiver failed (it closes the connection after this)
 
-Digests cover a chunk's bytes inside the device (the last chunk may be short), read back from the
-target after the final flush; XXH3_128's 16 bytes are its canonical (big-endian) form.
+Digests cover a chunk's bytes inside the device (the last chunk may be short); XXH3_128's 16 bytes
+are its canonical (big-endian) form. Scope MAP (the default): the receiver's digest map, each
+chunk's digest taken from the buffer it wrote on this connection, or for a chunk it held from an
+earlier connection, read back from the target when this connection began (never from a saved
+file); the sender compares it with the digests of the chunks as it read and sent them. Scope FULL
+(VERIFY_FULL): every chunk read back from the target after the final flush, compared with the
+frozen source read again.
 """
 
 from __future__ import annotations
@@ -72,7 +80,7 @@ from dataclasses import dataclass
 
 from blocktrack.errors import StreamError
 
-VERSION = 2  # 2: keep-alive frames and messages (a version-1 peer would fail on them)
+VERSION = 3  # 3: RESULT carries the whole digest map; 2: keep-alive frames and messages
 HELLO_MAGIC = b"BTMIGRT\xff"
 HELLO = struct.Struct(">8sHH16sQIIB")
 FLAG_RESUME = 0x1
@@ -97,8 +105,8 @@ REPLY_NAMES = {ACCEPT: "ACCEPT", REFUSE: "REFUSE", ACK: "ACK", RESULT: "RESULT",
 ACCEPT_HEAD = struct.Struct(">QQQ")
 REFUSE_HEAD = struct.Struct(">H")
 ACK_BODY = struct.Struct(">QQ")
-RESULT_HEAD = struct.Struct(">BBQQQI")
-DIGEST_ENTRY = struct.Struct(">Q16s")
+RESULT_HEAD = struct.Struct(">BBQQQ")
+DIGEST_SIZE = 16
 
 REFUSE_VERSION = 1       # a protocol version or flag this receiver does not speak
 REFUSE_DEVICE = 2        # the device name is not mapped on the receiver's command line
@@ -109,8 +117,8 @@ REFUSE_NAMES = {REFUSE_VERSION: "version", REFUSE_DEVICE: "device", REFUSE_SIZE:
                 REFUSE_MIGRATION: "migration id", REFUSE_TARGET: "target"}
 
 DIGEST_XXH3_128 = 1
-SCOPE_FINAL_PART, SCOPE_FULL = 1, 2
-SCOPE_NAMES = {SCOPE_FINAL_PART: "final-part", SCOPE_FULL: "full"}
+SCOPE_FULL, SCOPE_MAP = 2, 3   # 1 (version 2's FINAL_PART) is retired
+SCOPE_NAMES = {SCOPE_FULL: "full", SCOPE_MAP: "digest-map"}
 
 
 def _text(raw: bytes, what: str) -> str:
@@ -306,36 +314,38 @@ class Result:
     chunks_written: int
     chunks_held: int
     nchunks: int
-    digests: dict[int, bytes]
+    digests: bytes   # nchunks x DIGEST_SIZE, chunk i at DIGEST_SIZE * i
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]
 
 
-def encode_result(scope: int, chunks_written: int, chunks_held: int, nchunks: int,
-                  digests: dict[int, bytes]) -> bytes:
-    head = RESULT_HEAD.pack(DIGEST_XXH3_128, scope, chunks_written, chunks_held, nchunks, len(digests))
-    return reply(RESULT, head + b"".join(DIGEST_ENTRY.pack(i, d) for i, d in sorted(digests.items())))
+def encode_result(scope: int, chunks_written: int, chunks_held: int, nchunks: int, digests) -> bytes:
+    """``digests``: nchunks x DIGEST_SIZE bytes in chunk order (a bytes-like map)."""
+    if len(digests) != nchunks * DIGEST_SIZE:
+        raise ValueError(f"a digest map of {nchunks} chunks has {nchunks * DIGEST_SIZE} bytes, not {len(digests)}")
+    head = RESULT_HEAD.pack(DIGEST_XXH3_128, scope, chunks_written, chunks_held, nchunks)
+    return reply(RESULT, head + bytes(digests))
 
 
 def result_max_length(nchunks: int) -> int:
-    return RESULT_HEAD.size + DIGEST_ENTRY.size * nchunks
+    return RESULT_HEAD.size + DIGEST_SIZE * nchunks
 
 
-def decode_result(body: bytes) -> Result:
+def decode_result(body: bytes, nchunks: int | None = None) -> Result:
+    """Decode a RESULT; with ``nchunks`` (the device's, from HELLO) it must be for that many chunks."""
     if len(body) < RESULT_HEAD.size:
         raise StreamError("short RESULT message")
-    algorithm, scope, written, held, nchunks, count = RESULT_HEAD.unpack_from(body)
+    algorithm, scope, written, held, their_nchunks = RESULT_HEAD.unpack_from(body)
     if algorithm != DIGEST_XXH3_128:
         raise StreamError(f"unknown digest algorithm {algorithm}")
     if scope not in SCOPE_NAMES:
         raise StreamError(f"unknown digest scope {scope}")
-    if len(body) != RESULT_HEAD.size + count * DIGEST_ENTRY.size:
-        raise StreamError(f"RESULT with {count} digests has {len(body)} bytes")
-    digests = {}
-    for n in range(count):
-        index, digest = DIGEST_ENTRY.unpack_from(body, RESULT_HEAD.size + n * DIGEST_ENTRY.size)
-        if index >= nchunks or index in digests:
-            raise StreamError(f"RESULT digest for chunk {index} (of {nchunks}, or twice)")
-        digests[index] = digest
-    return Result(algorithm, scope, written, held, nchunks, digests)
+    if nchunks is not None and their_nchunks != nchunks:
+        raise StreamError(f"RESULT for {their_nchunks} chunks, expected {nchunks}")
+    if len(body) != RESULT_HEAD.size + their_nchunks * DIGEST_SIZE:
+        raise StreamError(f"RESULT with the digests of {their_nchunks} chunks has {len(body)} bytes")
+    return Result(algorithm, scope, written, held, their_nchunks, bytes(body[RESULT_HEAD.size:]))
 
 
 def encode_error(message: str) -> bytes:
@@ -375,33 +385,63 @@ def decode_control(line: bytes) -> dict:
     return obj
 
 
-# -- pre-shared-key authentication (blocktrack.secure) -----------------------------------------------
+# -- pre-shared-key authentication (blocktrack.psk) -------------------------------------------------
 #
 # With --psk-file, right after the TLS handshake and before HELLO (or a plain stream's first byte),
-# inside TLS. Python's ssl module has no TLS-PSK before 3.13, so TLS runs with a throw-away server
-# certificate the client does not verify, and both ends prove they hold the key by an HMAC-SHA256
+# inside TLS. Python's ssl module has no TLS-PSK before 3.13, so TLS runs with a throw-away receiver
+# certificate the sender does not verify, and both ends prove they hold the key by an HMAC-SHA256
 # bound to that certificate (a man in the middle presents its own certificate, so the proofs it
-# relays name the wrong one)::
+# relays name the wrong one). Version 2 keys the HMACs with a per-connection scrypt derivation of
+# the key, salted with both nonces, so each offline guess at the key from a captured proof costs one
+# scrypt (blocktrack.psk has the threat model)::
 #
-#     receiver → sender   CHALLENGE   0 8 magic b"BTPSK\x00\x00\x01", 8 32 receiver nonce
-#     sender → receiver   PROOF       0 8 magic, 8 32 sender nonce, 40 32 HMAC(key, "client" label,
-#                                     receiver nonce, sender nonce, SHA-256 of the certificate's DER)
-#     receiver → sender   VERDICT     0 8 magic, 8 1 status (0 accepted, 1 refused), 9 32 HMAC(key,
-#                                     "server" label, the same fields; zeros when refused)
+#     receiver → sender   CHALLENGE   0 8 magic b"BTPSK\x00" + be16 version (2), 8 32 receiver nonce
+#     sender → receiver   PROOF       0 8 magic, 8 32 sender nonce, 40 32 HMAC-SHA256(session key,
+#                                     "blocktrack psk v2 client" || receiver nonce || sender nonce ||
+#                                     SHA-256 of the receiver certificate's DER, as the sender saw it)
+#     receiver → sender   VERDICT     0 8 magic, 8 1 status (0 accepted, 1 refused), 9 32 HMAC-SHA256(
+#                                     session key, "blocktrack psk v2 server" || the same fields);
+#                                     zeros when refused
+#
+#     session key = scrypt(key, salt = "blocktrack psk v2" || receiver nonce || sender nonce,
+#                          N = 2^15, r = 8, p = 1, 32 bytes)
+#
+# "key" is the key file's bytes without surrounding whitespace (hex or base64 text is used as text).
+# The sender's nonce in the salt is what a man in the middle cannot choose, so no table of guesses
+# can be computed before a connection. Version 1 (blocktrack before the scrypt step) keyed the HMACs
+# with the key itself; a version-1 peer fails on the version field and each side names the version
+# it met.
 
-PSK_MAGIC = b"BTPSK\x00\x00\x01"
+PSK_MAGIC_PREFIX = b"BTPSK\x00"
+PSK_VERSION = 2
+PSK_MAGIC = PSK_MAGIC_PREFIX + PSK_VERSION.to_bytes(2, "big")
 PSK_NONCE_LEN = 32
 PSK_CHALLENGE = struct.Struct(">8s32s")
 PSK_PROOF = struct.Struct(">8s32s32s")
 PSK_VERDICT = struct.Struct(">8sB32s")
 PSK_ACCEPTED, PSK_REFUSED = 0, 1
-PSK_LABEL_CLIENT = b"blocktrack psk v1 client"
-PSK_LABEL_SERVER = b"blocktrack psk v1 server"
+PSK_LABEL_CLIENT = b"blocktrack psk v2 client"
+PSK_LABEL_SERVER = b"blocktrack psk v2 server"
+PSK_KDF_SALT = b"blocktrack psk v2"
+PSK_SCRYPT_N, PSK_SCRYPT_R, PSK_SCRYPT_P = 1 << 15, 8, 1  # 32 MiB of memory per derivation
+PSK_SESSION_KEY_LEN = 32
+
+
+class PskVersionError(StreamError):
+    """The peer speaks blocktrack's pre-shared-key exchange, in another version."""
+
+    def __init__(self, version: int):
+        self.version = version
+        super().__init__(f"the peer speaks pre-shared-key authentication version {version}, this blocktrack "
+                         f"speaks version {PSK_VERSION}: run the same blocktrack release on both ends")
 
 
 def decode_psk(layout: struct.Struct, raw: bytes) -> tuple:
     fields = layout.unpack(raw)
-    if fields[0] != PSK_MAGIC:
+    magic = fields[0]
+    if magic[:len(PSK_MAGIC_PREFIX)] == PSK_MAGIC_PREFIX and magic != PSK_MAGIC:
+        raise PskVersionError(int.from_bytes(magic[len(PSK_MAGIC_PREFIX):], "big"))
+    if magic != PSK_MAGIC:
         raise StreamError("the peer does not speak blocktrack's pre-shared-key authentication "
-                          f"(magic {fields[0]!r}; is it using --tls-cert or --insecure?)")
+                          f"(magic {magic!r}; is it using --tls-cert or --insecure?)")
     return fields[1:]

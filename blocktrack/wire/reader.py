@@ -13,8 +13,13 @@ Two envelopes, told apart by the first four bytes:
 
 The clean end is EOF of the underlying stream, so a sender on a socket must shut down its write
 side when it is done. With the "none" envelope an EOF is a clean end only right after the final
-part, so a stream cut between two parts is refused. The "qemu" envelope has more to check (block
-section END, EOF marker and JSON description must all be there).
+part, so a stream cut between two parts is refused; and the first part that ends with "progress
+100, EOS" is the final part, so anything after it (another stream appended, a forged part) is
+refused before it is yielded, and a receiver writes none of it. Our writer reports at most 99 in
+the other parts of a bare stream; older writers could close a part with "progress 100, EOS" right
+after the last chunk and then send the final part, so an empty repeat of the final part (those 16
+bytes again, no data) is accepted. The "qemu" envelope has more to check (block section END, EOF
+marker and JSON description must all be there), and its END section is what marks its final part.
 
 The reader is a generator-driven state machine over a small read-ahead buffer. Payloads go
 straight from the raw object into the caller's buffer (after whatever the read-ahead already
@@ -31,6 +36,7 @@ from blocktrack.wire import layout as L
 from blocktrack.wire.layout import Record, Section
 
 _READ_AHEAD = 64 * 1024
+_FINAL_PART = L.encode_progress(100) + L.EOS_RECORD    # how a bare stream's final part ends
 
 
 class _Input:
@@ -236,13 +242,20 @@ class StreamReader:
             yield from self._bare_stream()
 
     def _bare_stream(self) -> Iterator[Record]:
-        while True:
+        while not self._final_part_seen:
             yield from self._block_body()
-            if self._in.at_eof():
-                if not self._final_part_seen:
-                    raise StreamTruncated("the stream ended between two parts, before its final part "
-                                          "(progress 100 followed by EOS)", self._in.offset)
-                return
+            if self._in.at_eof() and not self._final_part_seen:
+                raise StreamTruncated("the stream ended between two parts, before its final part "
+                                      "(progress 100 followed by EOS)", self._in.offset)
+        inp = self._in
+        while not inp.at_eof():                  # the final part was the end (module docstring)
+            start = inp.offset
+            if inp.peek_bytes(len(_FINAL_PART)) != _FINAL_PART:
+                raise StreamError("records after the final part (progress 100, EOS) of a bare stream: it "
+                                  "ended there, and nothing after it is written", start)
+            inp.take(len(_FINAL_PART), "inside a repeated final part", start)
+            yield Record("progress", start, percent=100)
+            yield Record("eos", start + L.RECORD_WORD.size)
 
     def _block_body(self) -> Iterator[Record]:
         """Records up to and including EOS."""

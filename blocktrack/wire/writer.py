@@ -22,7 +22,9 @@ What QEMU 7.2 writes, and so what the "qemu" envelope gets (savevm.c, block.c, r
 
 The "none" envelope is exactly the concatenation of the ``block`` section bodies above (so it starts
 with the EOS of the empty setup part), which is what the receiver reads when it is not talking to
-QEMU. The writer never concatenates payloads with headers: each chunk goes to ``raw.write`` as the
+QEMU. There nothing but the final part's "PROGRESS 100, EOS" says where the stream ends, so parts
+before the final one report at most 99 (QEMU's own iterations may say 100; its END section is what
+ends its final part). The writer never concatenates payloads with headers: each chunk goes to ``raw.write`` as the
 caller's own buffer.
 """
 
@@ -127,7 +129,13 @@ class StreamWriter:
             self._write(data)
 
     def progress(self, percent: int) -> None:
-        record = L.encode_progress(percent)
+        """A progress record. "progress 100, EOS" is how the final part ends, and in a bare stream it
+        is the end of the stream (reader.py): a part before the final one reports at most 99. (QEMU's
+        envelope marks its final part with the END section, but the block section's bytes are the same
+        in both envelopes.)"""
+        record = L.encode_progress(percent)               # checks the range
+        if percent == 100 and not self._final:
+            record = L.encode_progress(99)
         self._open_part("progress()")
         self._write(record)
 

@@ -130,6 +130,50 @@ def run(cases: int, seed: int, folder: Path, report_every: int = 0) -> dict:
     return outcomes
 
 
+def run_appended(cases: int, seed: int, folder: Path) -> dict:
+    """Valid streams with something after their end (another stream, a slice of one, a forged record,
+    random bytes): each must be refused, and the targets must hold exactly what the stream before
+    the append wrote. A bare stream ends at its final part, a QEMU stream after its JSON description;
+    nothing after that end may reach a target."""
+    rng = random.Random(seed)
+    streams = seed_streams(rng)
+    for name, size in TARGETS.items():
+        (folder / name).write_bytes(bytes(size))
+    specs = [DeviceSpec(name, str(folder / name)) for name in TARGETS]
+
+    def targets() -> dict:
+        return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in TARGETS}
+
+    outcomes = {"refused": 0}
+    for case in range(cases):
+        stream = rng.choice(streams)
+        other = rng.choice(streams)
+        how = rng.randrange(5)
+        if how == 0:
+            extra = other                                       # another whole stream (cat a b)
+        elif how == 1:
+            start = rng.randrange(len(other))
+            extra = other[start:start + rng.randrange(1, 3 * CHUNK)]
+        elif how == 2:                                          # a forged block record, with its data
+            extra = struct.pack(">Q", (rng.choice((0, SECTORS)) << 9) | 1) + b"\x01a" + rng.randbytes(CHUNK)
+        elif how == 3:
+            extra = mutate(other, rng)
+        else:
+            extra = rng.randbytes(rng.randrange(1, 64))
+        receive_stream(io.BytesIO(stream), specs, chunk_size=CHUNK, depth=2)
+        expected = targets()
+        try:
+            receive_stream(io.BytesIO(stream + extra), specs, chunk_size=CHUNK, depth=2)
+        except BlocktrackError:
+            outcomes["refused"] += 1
+        else:
+            raise AssertionError(f"case {case}: a stream with {len(extra)} bytes after its end (kind {how}) "
+                                 "was accepted")
+        if targets() != expected:
+            raise AssertionError(f"case {case}: bytes after the end of a stream (kind {how}) reached a target")
+    return outcomes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)

@@ -3,16 +3,20 @@
 ``Served`` starts ``python -m blocktrack serve TARGET --socket S --json``, waits for its "serving"
 event, and collects every later event on a thread (so a chatty server never blocks on a full
 pipe). ``stop()`` sends a signal and returns the exit code; the events and stderr stay available.
+``pipelined_large_reads()`` is the load of issue 17: several clients at once, each pipelining the
+largest READs over a stamped image (``stamped_image()``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
 from pathlib import Path
 
+from blocktrack.nbd import protocol as p
 from tests.conftest import spawn_blocktrack
 
 # Generous bounds so that a hung server fails the test instead of hanging the suite; nothing is
@@ -22,10 +26,11 @@ TOOL_WAIT = 300
 
 
 class Served:
-    def __init__(self, target, socket_path: Path, *extra):
+    def __init__(self, target, socket_path: Path, *extra, umask: int = -1):
         self.target = str(target)
         self.socket = Path(socket_path)
-        self.proc = spawn_blocktrack("serve", self.target, "--socket", self.socket, "--json", *extra, text=True)
+        self.proc = spawn_blocktrack("serve", self.target, "--socket", self.socket, "--json", *extra, text=True,
+                                     umask=umask)
         self.events: list[dict] = []
         self._cond = threading.Condition()
         self._stdout_done = False
@@ -112,3 +117,72 @@ def dirty_chunks(uri: str, chunk: int = 1 << 20) -> list[int]:
             assert extent["offset"] % chunk == 0
             chunks.extend(range(extent["offset"] // chunk, -(-(extent["offset"] + extent["length"]) // chunk)))
     return chunks
+
+
+# -- many connections pipelining large reads ------------------------------------------------------------
+
+GiB = 1 << 30
+LARGE_READ = 32 << 20          # the protocol's largest request (MAX_PAYLOAD)
+
+
+def stamp(offset: int) -> bytes:
+    """64 bytes that say where they were written."""
+    return f"blocktrack stamp at {offset:>16}".encode().ljust(64, b".")
+
+
+def stamped_image(path: Path, size: int = GiB) -> Path:
+    """A sparse file of ``size`` bytes, zero but for a stamp at the start of every MiB: a reply
+    that carries another request's data (or a reused buffer's) shows the wrong stamps."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in range(0, size, 1 << 20):
+            os.pwrite(f.fileno(), stamp(offset), offset)
+    return path
+
+
+def check_stamps(data, offset: int) -> str | None:
+    """None when ``data`` read at ``offset`` holds the stamps it should, else what is wrong."""
+    view = memoryview(data)
+    for at in range(0, len(view), 1 << 20):
+        if view[at:at + 64] != stamp(offset + at):
+            return f"at {offset + at}: {bytes(view[at:at + 64])!r}"
+    return None
+
+
+def pipelined_large_reads(connect, *, connections: int = 8, per_connection: int = 2) -> list[str]:
+    """``connections`` clients at once, each sending ``per_connection`` 32 MiB READs before reading
+    any reply (even-numbered clients with structured replies, odd ones with simple replies), each
+    over its own part of the export. ``connect()`` returns a connected, not yet greeted NbdClient.
+    Returns what went wrong (an empty list when every reply came, whole and right)."""
+    failures: list[str] = []
+
+    def client(i: int) -> None:
+        c = None
+        try:
+            c = connect()
+            c.handshake(structured=i % 2 == 0)
+            wanted = {}
+            for k in range(per_connection):
+                offset = (i * per_connection + k) * LARGE_READ
+                wanted[c.request(p.NBD_CMD_READ, offset, LARGE_READ)] = offset
+            for _ in range(per_connection):
+                reply = c.reply()
+                offset = wanted.pop(reply.cookie)
+                if reply.error:
+                    failures.append(f"client {i}: READ at {offset}: error {reply.error} {reply.message}")
+                    continue
+                wrong = check_stamps(reply.data, offset) if len(reply.data) == LARGE_READ else "short"
+                if wrong:
+                    failures.append(f"client {i}: READ at {offset}: wrong data {wrong}")
+            c.disconnect()
+        except Exception as exc:  # a timeout, a reset: what the test reports
+            failures.append(f"client {i}: {type(exc).__name__}: {exc}")
+            if c is not None:
+                c.close()
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"client-{i}") for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures

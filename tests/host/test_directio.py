@@ -21,7 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blocktrack.directio import CHUNK_SIZE, ChunkReader, ChunkWriter, is_zero
+import xxhash
+
+from blocktrack.directio import CHUNK_SIZE, ChunkReader, ChunkWriter, digest128, is_zero
+from blocktrack.migrate.verify import DigestMap
 from blocktrack.errors import DeviceError, IOFailure
 from blocktrack.kernel import blockdev
 from tests.conftest import MiB, blank_image, write_image
@@ -491,6 +494,67 @@ def test_last_write_to_a_chunk_wins(direct_dir):
     data = dst.read_bytes()
     for index, payload in final.items():
         assert data[index * MiB:(index + 1) * MiB] == payload, f"chunk {index}"
+
+
+# -- digests (the migration's digest map) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [ODD_FILE, RAGGED_FILE, 100])
+def test_digests_of_reads_and_writes_are_xxh3_128_of_the_bytes(direct_dir, size):
+    """The I/O threads' digests equal python-xxhash's XXH3-128 (canonical form) of the chunk's bytes:
+    whole chunks, a one-sector tail, a tail of 100 bytes (written synchronously, hashed there), a
+    digest size smaller than the file (a migration's device on a larger target)."""
+    data = write_image(direct_dir / "src.img", size, seed=40).read_bytes()
+    nchunks = -(-size // MiB)
+    expect = [xxhash.xxh3_128_digest(data[i * MiB:(i + 1) * MiB]) for i in range(nchunks)]
+    assert digest128(data[:MiB]) == expect[0]
+    with ChunkReader(str(direct_dir / "src.img"), depth=2) as reader:
+        assert [d for _i, _v, d in reader.read_digested(range(nchunks))] == expect
+        limit = size - 77
+        got = dict((i, d) for i, _v, d in reader.read_digested(range(nchunks), limit))
+        assert got == {i: xxhash.xxh3_128_digest(data[i * MiB:min((i + 1) * MiB, limit)]) for i in range(nchunks)}
+    dst = write_image(direct_dir / "dst.img", size, seed=41)
+    digests = DigestMap(nchunks, MiB, size)
+    order = list(range(nchunks))[::-1]
+    with ChunkWriter(str(dst), depth=2) as writer:
+        for index in order:
+            token, buf = writer.buffer()
+            length = min(MiB, size - index * MiB)
+            buf[:length] = data[index * MiB:index * MiB + length]
+            writer.submit(token, index * MiB, length, digest_into=digests.slot(index))
+        writer.flush()
+    assert [digests.get(i) for i in range(nchunks)] == expect and digests.missing() == []
+    assert dst.read_bytes() == data
+
+
+def test_digest_of_a_rewritten_chunk_is_the_last_write(direct_dir):
+    """A chunk written, zeroed and written again with writes in flight: its digest is the last one's."""
+    dst = blank_image(direct_dir / "dst.img", 4 * MiB)
+    digests = DigestMap(4, MiB, 4 * MiB)
+    rng = random.Random(42)
+    final = {}
+    with ChunkWriter(str(dst), depth=8) as writer:
+        for round_ in range(40):
+            index = rng.randrange(4)
+            if round_ % 5 == 2:
+                writer.write_zeroes(index * MiB, MiB)
+                digests.set_zero(index)
+                final[index] = bytes(MiB)
+                continue
+            payload = rng.randbytes(64) * (MiB // 64)
+            token, buf = writer.buffer()
+            buf[:] = payload
+            writer.submit(token, index * MiB, MiB, digest_into=digests.slot(index))
+            final[index] = payload
+        writer.flush()
+    for index, payload in final.items():
+        assert digests.get(index) == xxhash.xxh3_128_digest(payload), f"chunk {index}"
+    other = DigestMap(4, MiB, 4 * MiB)
+    for index, payload in final.items():
+        other.set(index, xxhash.xxh3_128_digest(payload))
+    assert digests.differ(other.raw) == []
+    other.set(1, bytes(16))
+    assert digests.differ(other.raw) == [1]
 
 
 def test_writer_refuses_writes_outside_or_misaligned(direct_dir):

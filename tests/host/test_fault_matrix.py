@@ -9,6 +9,8 @@ the target marked incomplete in the receiver's state — never "success" with a 
 | connection cut (FIN) mid-chunk         | test_migrate_faults.py::test_connection_cut_mid_chunk_then_resume |
 | slow receiver (rate-limited proxy)     | test_slow_link_is_not_a_stall                               |
 | full target (ENOSPC, small tmpfs)      | test_full_target                                            |
+| full target, state folder on it too    | test_full_target_with_its_state_folder_on_it                |
+| ... and no room left even for a record | test_a_record_that_cannot_be_saved_never_hides_the_first_error |
 | target I/O error (EIO at pwrite)       | test_target_io_error                                        |
 | source lost mid-pass (bulk, dirty)     | test_source_lost_mid_pass                                   |
 | sender killed, resumed                 | test_migrate_faults.py::test_sender_killed_then_resume      |
@@ -29,7 +31,8 @@ import time
 
 import pytest
 
-from blocktrack.migrate.savedstate import SourceState, TargetState, source_folder, state_root, target_folder
+from blocktrack.migrate.savedstate import (RESERVED_ROOM, SourceState, TargetState, source_folder, state_root,
+                                           target_folder)
 from blocktrack.migrate.scenario import WAIT, sha256, start_migrate, start_receiver, start_writer
 from tests.conftest import MiB, blank_image, write_image
 from tests.host.net_helpers import FaultProxy
@@ -157,6 +160,65 @@ def test_full_target(tmp_path, small_tmpfs):
     _failed_clearly(migrate, (5,), "the receiver failed", "No space left on device")
     assert _target_status(state, target) == "interrupted"
     assert sha256(source) != sha256(target)
+
+
+def test_full_target_with_its_state_folder_on_it(tmp_path, small_tmpfs):
+    """The receiver's state folder on the filesystem its target fills up (/var/lib/blocktrack and an
+    image file on one root filesystem): the first error, ENOSPC writing the target, is the one
+    reported (not a failure to save the record afterwards), and the target's record still says
+    "interrupted" although the filesystem is full."""
+    source = write_image(tmp_path / "src.img", 16 * MiB, seed=36)
+    target = blank_image(small_tmpfs / "dst.img", 16 * MiB)
+    state, sock = small_tmpfs / "state", tmp_path / "nbd.sock"
+    receiver, port = start_receiver([f"src.img={target}"], state, "--stall-timeout", STALL)
+    migrate = start_migrate(source, port, sock, tmp_path / "sender-state", "--stall-timeout", STALL)
+    _failed_clearly(receiver, (4,), "No space left on device", f"on {target}")
+    _failed_clearly(migrate, (5,), "the receiver failed", "No space left on device")
+    assert "save migration state" not in receiver.stderr
+    fs = os.statvfs(small_tmpfs)
+    assert fs.f_bavail * fs.f_frsize <= RESERVED_ROOM             # full, but for the room given back
+    assert _target_status(state, target) == "interrupted"
+
+
+def test_a_record_that_cannot_be_saved_never_hides_the_first_error(tmp_path, small_tmpfs):
+    """The worst case of the one above, in-process: the state folder's filesystem is full and no
+    room was kept (nothing to give back). The clean-up after the target's ENOSPC cannot save the
+    record; the error raised is still the first one, with that added to its message."""
+    import errno
+    import socket
+
+    from blocktrack.dirtymap import DirtyMap
+    from blocktrack.errors import IOFailure
+    from blocktrack.migrate.live_receiver import _Connection, _interrupted
+    from blocktrack.migrate.savedstate import make_folder
+    from blocktrack.migrate.receiver import _Target
+    from blocktrack.migrate.sender import DeviceSpec
+    from blocktrack.transport import SocketChannel
+
+    target = _Target(DeviceSpec("disk", str(write_image(tmp_path / "dst.img", 4 * MiB))), 2, MiB)
+    folder = make_folder(target_folder(state_root(str(small_tmpfs / "state")), str(tmp_path / "dst.img")))
+    state = TargetState("ef" * 16, "disk", str(tmp_path / "dst.img"), 4 * MiB, MiB)
+    state.save(folder)
+    fd = os.open(small_tmpfs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)   # fill it to the last block
+    try:
+        while os.write(fd, bytes(64 << 10)):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    ours, theirs = socket.socketpair()
+    first = IOFailure(errno.ENOSPC, "write", str(tmp_path / "dst.img"), 3 * MiB)
+    try:
+        _interrupted(target, DirtyMap(4, MiB), state, folder, _Connection(SocketChannel(ours, "test",
+                     stall_timeout=5), 8), first)
+    finally:
+        target.writer.abort()
+        theirs.close()
+        ours.close()
+    assert first.errno == errno.ENOSPC and str(first).startswith(f"write on {tmp_path / 'dst.img'} at byte")
+    assert "the target's record could not be updated and still says 'receiving'" in str(first), str(first)
+    assert TargetState.load(folder).status == "receiving"
 
 
 EIO_SHIM = r"""

@@ -37,9 +37,10 @@ def test_receiver_messages_round_trip():
     assert (kind, length) == (C.ACK, 16) and C.decode_ack(C.encode_ack(10, 5)[C.REPLY.size:]) == (10, 5)
     accept = C.encode_accept(8 * MiB, 20, [[0, 2], [7, 7], [19, 19]])
     assert C.decode_accept(accept[C.REPLY.size:], 20).held == [0, 1, 2, 7, 19]
-    digests = {3: b"a" * 16, 1: b"b" * 16}
-    result = C.decode_result(C.encode_result(C.SCOPE_FULL, 4, 20, 20, digests)[C.REPLY.size:])
-    assert result.digests == digests and result.scope == C.SCOPE_FULL and result.chunks_held == 20
+    digests = bytes(range(20)) * 16  # 20 chunks x 16 bytes, in chunk order
+    result = C.decode_result(C.encode_result(C.SCOPE_MAP, 4, 20, 20, digests)[C.REPLY.size:], 20)
+    assert result.digests == digests and result.scope == C.SCOPE_MAP and result.chunks_held == 20
+    assert result.digest(3) == digests[48:64]
     reason, message = C.decode_refuse(C.encode_refuse(C.REFUSE_SIZE, "too small")[C.REPLY.size:])
     assert (reason, message) == (C.REFUSE_SIZE, "too small")
     verdict = C.encode_verdict(C.VERDICT_MISMATCH, "x" * 10000)
@@ -52,8 +53,14 @@ def test_receiver_messages_round_trip():
         C.decode_reply_header(C.REPLY.pack(C.REPLY_MAGIC, C.ERROR, C.MAX_MESSAGE + 1), 100)
     with pytest.raises(StreamError):
         C.decode_frame_header(C.FRAME.pack(C.FRAME_DATA, C.MAX_DATA_FRAME + 1), 0)
-    with pytest.raises(StreamError):
-        C.decode_result(C.encode_result(C.SCOPE_FULL, 1, 1, 2, {5: b"c" * 16})[C.REPLY.size:])
+    with pytest.raises(ValueError):   # a map of the wrong size is never sent
+        C.encode_result(C.SCOPE_FULL, 1, 1, 2, b"c" * 16)
+    with pytest.raises(StreamError, match="expected 3"):   # a map for another device
+        C.decode_result(C.encode_result(C.SCOPE_FULL, 1, 1, 2, b"c" * 32)[C.REPLY.size:], 3)
+    with pytest.raises(StreamError, match="has 42 bytes"):   # cut short
+        C.decode_result(C.encode_result(C.SCOPE_FULL, 1, 1, 2, b"c" * 32)[C.REPLY.size:][:42])
+    with pytest.raises(StreamError, match="scope"):   # version 2's final-part scope is retired
+        C.decode_result(C.encode_result(1, 1, 1, 2, b"c" * 32)[C.REPLY.size:])
 
 
 def _handshake(port: int, hello: C.Hello) -> tuple[int, bytes]:
@@ -142,3 +149,43 @@ def test_cli_errors(tmp_path, monkeypatch):
     stream.write_bytes(C.encode_hello(C.Hello(os.urandom(16), "d", MiB, MiB)))
     received = run_blocktrack("receive", "--device", f"d={image}", "--input", stream, text=True)
     assert received.returncode == 2 and "--listen" in received.stderr
+
+
+def test_sender_waits_through_keepalives_before_accept():
+    """A resuming receiver reads back what it holds before it answers HELLO, sending KEEPALIVEs: the
+    sender's handshake waits through them for longer than its stall timeout (each keep-alive restarts
+    the wait), and only a silence of that long is a stall."""
+    from blocktrack.errors import PeerStalled
+    from blocktrack.migrate.link import ReceiverLink
+    from blocktrack.transport import SocketChannel
+
+    hello = C.Hello(os.urandom(16), "disk", 4 * MiB, MiB, C.FLAG_RESUME, 2)
+    stall = 2.0
+
+    def receiver(sock, keepalives: int):
+        with sock:
+            got = b""
+            while len(got) < len(C.encode_hello(hello)):
+                got += sock.recv(4096)
+            for _ in range(keepalives):
+                sock.sendall(C.reply(C.KEEPALIVE))
+                threading.Event().wait(stall / 10)   # a receiver's heartbeat pace: 10 per stall timeout
+            if keepalives:
+                sock.sendall(C.encode_accept(4 * MiB, 4, [[0, 1]]))
+            sock.recv(1)   # silent until the sender closes
+
+    for keepalives in (30, 0):
+        listener = socket.create_server(("127.0.0.1", 0))
+        server = threading.Thread(target=lambda: receiver(listener.accept()[0], keepalives), daemon=True)
+        server.start()
+        channel = SocketChannel(socket.create_connection(listener.getsockname()), "test receiver",
+                                stall_timeout=stall)
+        if keepalives:
+            link = ReceiverLink(channel, hello)   # keep-alives for 3 x the stall timeout, then ACCEPT
+            assert link.accept.held == [0, 1]
+            link.close()
+        else:
+            with pytest.raises(PeerStalled):
+                ReceiverLink(channel, hello)
+        server.join(30)
+        listener.close()

@@ -35,7 +35,10 @@ def test_status_lists_a_running_migration_and_its_phase(tmp_path):
     sources = [m for m in during if m["role"] == "source"]
     assert len(sources) == 1 and sources[0]["migration_id"] == migration_id
     live = sources[0]["live"]
-    assert live["ok"] and live["phase"] in ("setup", "bulk", "dirty", "cutover", "final", "verify"), live
+    # `status` runs after the first progress event was read, in a process of its own: on a loaded
+    # machine the 24 MiB migration may be verified by then (it failed so once in a full run). A
+    # verified migration still runs, holding the writes ("frozen"), so that phase is right too.
+    assert live["ok"] and live["phase"] in ("setup", "bulk", "dirty", "cutover", "final", "verify", "frozen"), live
     if live["phase"] != "setup":                      # progress exists once the link does
         assert live["progress"]["size"] == 24 * MiB and live["progress"]["chunks"] == 24, live
     targets = [m for m in during if m["role"] == "target"]

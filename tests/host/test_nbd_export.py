@@ -157,3 +157,33 @@ def test_buffer_pool_reuses_and_bounds():
         pool.put(buf)
     assert pool._kept <= 3 * 4096
     pool.clear()
+
+
+def test_buffer_pool_never_closes_a_buffer_that_a_view_still_refers_to():
+    """Issue 17, defect 1: a buffer the pool does not keep is dropped, not closed: closing it
+    while a view (a reply being sent) still refers to it raised BufferError in the worker."""
+    pool = BufferPool(keep_bytes=0)
+    buf = pool.get(4096)
+    buf[:5] = b"reply"
+    view = memoryview(buf)[:5]
+    pool.put(buf)                                   # not kept: over keep_bytes
+    assert bytes(view) == b"reply"                  # the mapping is still there for the view
+    view.release()
+
+
+def test_buffer_pool_keeps_lent_and_kept_buffers_within_its_limit():
+    pool = BufferPool(keep_bytes=1 << 20, limit_bytes=64 * 1024)
+    lent = [pool.get(16 * 1024) for _ in range(3)]
+    assert pool.lent_bytes == 48 * 1024
+    for buf in lent:
+        pool.put(buf)
+    assert pool.lent_bytes == 0 and pool.kept_bytes == 48 * 1024
+    big = pool.get(32 * 1024)                       # a new size: kept buffers make room for it
+    assert pool.lent_bytes + pool.kept_bytes <= 64 * 1024
+    again = pool.get(16 * 1024)                     # one of the kept ones, if any is left
+    assert pool.lent_bytes + pool.kept_bytes <= 64 * 1024
+    for buf in (big, again):
+        pool.put(buf)
+    assert pool.lent_bytes == 0 and pool.kept_bytes <= 64 * 1024
+    pool.clear()
+    assert pool.kept_bytes == 0

@@ -1,9 +1,12 @@
 """The NBD server in this process: sockets handed over directly (as the kernel backend will), the
 freeze gate, replies out of order, shutdown with requests in flight, and the no-lost-update
-invariant against a concurrent sender that clears the dirty map while clients write."""
+invariant against a concurrent sender that clears the dirty map while clients write. Also the
+accounting under load and under failures: buffers back in the pool only once no reply refers to
+them, and the budgets and the gate given back whatever fails (issue 17)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -11,12 +14,15 @@ import threading
 
 import pytest
 
+from blocktrack.nbd import connection as connection_module
 from blocktrack.nbd import protocol as p
 from blocktrack.nbd.client import NbdClient
-from blocktrack.nbd.export import Export
+from blocktrack.nbd.export import BufferPool, Export
 from blocktrack.nbd.handshake import transmission_flags
 from blocktrack.nbd.server import NbdServer
+from blocktrack.nbd.sockio import PeerClosed
 from tests.conftest import MiB, blank_image, write_image
+from tests.host.nbd_helpers import LARGE_READ, pipelined_large_reads, stamped_image
 
 WAIT = 120  # bound on every wait, so a bug fails instead of hanging; nothing is measured
 
@@ -279,3 +285,214 @@ def test_shutdown_while_frozen_ends_held_requests(image, make_server):
     assert handle.join(WAIT)
     assert image.read_bytes()[:512] != b"\x44" * 512
     assert export.dirty.count() == 0
+
+
+class Events:
+    """The server's events, collected from any thread."""
+
+    def __init__(self):
+        self.list: list[tuple[str, dict]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, name: str, fields: dict) -> None:
+        with self._cond:
+            self.list.append((name, fields))
+            self._cond.notify_all()
+
+    def named(self, name: str) -> list[dict]:
+        with self._cond:
+            return [fields for n, fields in self.list if n == name]
+
+    def wait(self, name: str, count: int = 1) -> list[dict]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len([n for n, _ in self.list if n == name]) >= count, WAIT), \
+                f"fewer than {count} {name} events: {self.list}"
+        return self.named(name)
+
+
+def serve_in_thread(server, path) -> threading.Thread:
+    server.listen_unix(path)
+    thread = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_many_connections_pipelining_the_largest_reads(tmp_path, make_server):
+    """Issue 17, defect 1: eight connections each pipeline two 32 MiB READs of a 1 GiB export.
+    Every reply comes whole and right, no connection meets an internal error, and afterwards
+    nothing is left in flight: freeze() succeeds at once and the server stops."""
+    image = stamped_image(tmp_path / "big.img")
+    events = Events()
+    server = make_server(Export(image), on_event=events)
+    serving = serve_in_thread(server, tmp_path / "s.sock")
+    failures = pipelined_large_reads(lambda: NbdClient.unix(tmp_path / "s.sock", timeout=WAIT))
+    assert failures == []
+    gone = events.wait("disconnected", 8)
+    assert [g["reason"] for g in gone] == ["client disconnected (NBD_CMD_DISC)"] * 8
+    assert all(g["errors"] == 0 and "internal_errors" not in g for g in gone), gone
+    assert sum(g["bytes_read"] for g in gone) == 16 * LARGE_READ
+    assert server.gate.inflight == 0
+    assert server.budget.held_bytes == 0 and server.budget.held_count == 0
+    assert server.freeze(timeout=0) is True
+    server.thaw()
+    server.shutdown()
+    serving.join(WAIT)
+    assert not serving.is_alive()
+    assert events.named("internal_error") == []
+
+
+class ViewCheckingPool(BufferPool):
+    """Lends fresh buffers; closes each one given back. close() raises BufferError while any view
+    of the buffer is alive, so a buffer given back while a reply still refers to it is counted."""
+
+    def __init__(self):
+        super().__init__(keep_bytes=0)
+        self.returned = 0
+        self.still_viewed: list[int] = []
+
+    def put(self, buf) -> None:
+        self.returned += 1
+        try:
+            buf.close()
+        except BufferError:
+            self.still_viewed.append(len(buf))
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_buffer_goes_back_to_the_pool_only_once_no_reply_refers_to_it(image, make_server, structured):
+    server = make_server(Export(image))
+    server.pool = pool = ViewCheckingPool()
+    client, handle = pair(server, "newstyle")
+    client.handshake(structured=structured)
+    rng = random.Random(7)
+    expected = image.read_bytes()
+    reads = {}
+    for i in range(24):
+        offset, length = rng.randrange(0, 15 * MiB), rng.choice([512, 4096, 65536, MiB])
+        reads[client.request(p.NBD_CMD_READ, offset, length)] = (offset, length)
+    for i in range(8):
+        client.request(p.NBD_CMD_WRITE, i * MiB, payload=bytes([i]) * 8192)
+    for _ in range(32):
+        reply = client.reply()
+        assert reply.error == 0
+        if reply.cookie in reads:
+            offset, length = reads.pop(reply.cookie)
+            assert bytes(reply.data) == expected[offset:offset + length]
+    client.disconnect()
+    assert handle.join(WAIT)
+    assert pool.returned == 32
+    assert pool.still_viewed == []
+
+
+class _Injected(RuntimeError):
+    """The failure a test injects."""
+
+
+class FailingExport(Export):
+    def read_into(self, view, offset):
+        if len(view) == 12345:
+            raise _Injected("injected in the export")
+        super().read_into(view, offset)
+
+
+class FailingPool(BufferPool):
+    """get() fails like mmap without memory, or put() raises, once, for a 12345-byte request."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.armed = True
+
+    def get(self, length):
+        if self.where == "buffer_get" and length == 12345 and self.armed:
+            self.armed = False
+            raise OSError(errno.ENOMEM, "Cannot allocate memory (injected)")
+        return super().get(length)
+
+    def put(self, buf):
+        super().put(buf)
+        if self.where == "buffer_put" and len(buf) == BufferPool.size_class(12345) and self.armed:
+            self.armed = False
+            raise _Injected("injected in put")
+
+
+@pytest.mark.parametrize("where", ["export", "buffer_get", "buffer_put", "send"])
+def test_a_failure_anywhere_in_a_request_keeps_the_accounting_right(image, make_server, monkeypatch, where):
+    """Issue 17, defect 1: nothing that fails while a request is served may leave its buffer, its
+    budgets or its place at the gate behind (a freeze would then wait for ever), and no thread dies.
+    A bug while serving is answered with EIO; no buffer (ENOMEM) fails the request; a bug while
+    sending hangs up. In every case the connection's end is reported and freeze() succeeds."""
+    events = Events()
+    export = FailingExport(image) if where == "export" else Export(image)
+    server = make_server(export, on_event=events)
+    server.pool = FailingPool(where)
+    if where == "send":
+        real_send_all = connection_module.send_all
+
+        def send_all(sock, buffers):
+            if any(len(b) == 12345 for b in buffers):
+                raise _Injected("injected in send")
+            real_send_all(sock, buffers)
+
+        monkeypatch.setattr(connection_module, "send_all", send_all)
+    client, handle = pair(server, "newstyle")
+    client.handshake()
+    expected = image.read_bytes()
+    assert client.read(0, 4096) == expected[:4096]
+    cookie = client.request(p.NBD_CMD_READ, 3 * MiB, 12345)
+    if where == "send":
+        with pytest.raises(PeerClosed):
+            client.reply()                          # hung up: the stream could be out of step
+    else:
+        reply = client.reply()
+        assert reply.cookie == cookie
+        wanted = {"export": p.NBD_EIO, "buffer_get": p.NBD_ENOMEM, "buffer_put": 0}[where]
+        assert reply.error == wanted, reply
+        if where == "buffer_put":
+            assert bytes(reply.data) == expected[3 * MiB:3 * MiB + 12345]
+        client.write(MiB, b"\x77" * 4096)           # the connection goes on
+        assert client.read(MiB, 4096) == b"\x77" * 4096
+        client.disconnect()
+    client.close()
+    assert handle.join(WAIT)
+    assert server.gate.inflight == 0
+    assert server.budget.held_bytes == 0 and server.budget.held_count == 0
+    assert server.freeze(timeout=0) is True
+    server.thaw()
+    gone = events.wait("disconnected")[0]
+    if where == "buffer_get":
+        assert gone["errors"] == 1 and "internal_errors" not in gone
+    else:
+        assert any("injected" in text for text in gone["internal_errors"]), gone
+        assert "injected" in events.named("internal_error")[0]["error"]
+    # The server still serves.
+    again, again_handle = pair(server, "newstyle")
+    again.handshake()
+    assert again.read(3 * MiB, 4096) == expected[3 * MiB:3 * MiB + 4096]
+    again.disconnect()
+    assert again_handle.join(WAIT)
+
+
+def test_shutdown_ends_a_reader_waiting_for_the_shared_budget(image, make_server):
+    """A client that does not read its replies holds the whole shared budget; another connection's
+    reader waits for it. Stopping the server ends that connection at once (it must not wait for
+    buffers that may never come back); the first ends when its client goes."""
+    events = Events()
+    server = make_server(Export(image), max_total_inflight_bytes=LARGE_READ, on_event=events)
+    hog, hog_handle = pair(server, "newstyle")
+    hog.handshake()
+    hog.request(p.NBD_CMD_READ, 0, 16 * MiB)        # never read: its reply cannot all be sent
+    hog.request(p.NBD_CMD_READ, 0, 16 * MiB)
+    waiter, waiter_handle = pair(server, "newstyle")
+    waiter.handshake()
+    waiter.request(p.NBD_CMD_READ, 0, 4096)
+    limit = events.wait("inflight_limit")[0]
+    assert limit["max_inflight_bytes"] == LARGE_READ and limit["waiting"] >= 1
+    server.shutdown()
+    assert waiter_handle.join(WAIT)
+    assert waiter_handle.end_reason == "server shutting down"
+    assert hog_handle.thread.is_alive()              # still trying to send its replies
+    hog.close()
+    assert hog_handle.join(WAIT)
+    assert server.gate.inflight == 0 and server.budget.held_bytes == 0
+    waiter.close()

@@ -84,6 +84,16 @@ def test_a_good_stream_is_written(tmp_path, target):
     assert chunk_of(target, 0) == b"\xaa" * MiB and chunk_of(target, 2) == b"\xbb" * MiB
 
 
+def test_records_after_the_final_part_are_refused_unwritten(tmp_path, target):
+    """A bare stream ends at its final part: records after it (another stream appended, say) are
+    refused before any of them is written; what came before it was whole and stays written."""
+    before_chunk1 = chunk_of(target, 1)
+    result = receive(tmp_path, block(0, 0xAA) + eos() + block(1, 0xBB) + eos())
+    assert_one_clear_error(result, "after the final part", f"stream byte {len(block(0, 0xAA) + eos())}")
+    assert chunk_of(target, 0) == b"\xaa" * MiB
+    assert chunk_of(target, 1) == before_chunk1
+
+
 @pytest.mark.parametrize("cut, where", [
     (len(block(0, 1)) + 4, "header"),                  # inside the second record's be64
     (len(block(0, 1)) + 8 + 1 + 2, "name"),            # inside the name

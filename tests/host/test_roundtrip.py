@@ -123,3 +123,57 @@ def test_sender_reports_a_dead_receiver(tmp_path):
     err = sender.stderr.read()
     assert sender.wait(timeout=60) == 5
     assert "broken pipe" in err and "Traceback" not in err
+
+
+def _names_on_the_wire(stream) -> set:
+    from blocktrack.wire import StreamReader
+
+    with open(stream, "rb") as f:
+        return {r.device for r in StreamReader(f.raw) if r.kind == "block"}
+
+
+def test_a_device_name_with_equals_signs(tmp_path):
+    """`--device NAME=PATH` splits at the '=' that leaves an existing PATH, so a name may hold '='."""
+    src = write_image(tmp_path / "src.img", 3 * MiB, seed=7)
+    dst = blank_image(tmp_path / "dst.img", 3 * MiB)
+    stream = tmp_path / "stream"
+    sent = run_blocktrack("send", "--device", f"a=b={src}", "--output", stream, "--envelope", "none", text=True)
+    assert sent.returncode == 0, sent.stderr
+    assert _names_on_the_wire(stream) == {"a=b"}
+    received = run_blocktrack("receive", "--device", f"a=b={dst}", "--input", stream, "--expect-full", text=True)
+    assert received.returncode == 0, received.stderr
+    assert filecmp.cmp(src, dst, shallow=False)
+    # A name that other targets' names do not match is still refused: the wall is unchanged.
+    other = run_blocktrack("receive", "--device", f"a={dst}", "--input", stream, text=True)
+    assert other.returncode == 3 and "'a=b' is not mapped" in other.stderr, other.stderr
+
+
+def test_an_ambiguous_device_mapping_is_refused_and_device_name_says_it(tmp_path):
+    """`n=x=y.img` in a folder holding both `x=y.img` and `y.img` reads two ways: refused (exit 2, both
+    readings named, nothing written); `--device-name NAME --device PATH` says it unambiguously."""
+    src = write_image(tmp_path / "x=y.img", 2 * MiB, seed=8)
+    decoy = write_image(tmp_path / "y.img", 2 * MiB, seed=9)
+    before = decoy.read_bytes()
+    stream = tmp_path / "stream"
+    ambiguous = run_blocktrack("send", "--device", "n=x=y.img", "--output", stream, text=True, cwd=tmp_path)
+    assert ambiguous.returncode == 2, ambiguous.stderr
+    for words in ("'n' → x=y.img", "'n=x' → y.img", "--device-name"):
+        assert words in ambiguous.stderr, ambiguous.stderr
+    assert not stream.exists()
+    sent = run_blocktrack("send", "--device-name", "n=x", "--device", "x=y.img", "--output", stream, text=True,
+                          cwd=tmp_path)
+    assert sent.returncode == 0, sent.stderr
+    assert _names_on_the_wire(stream) == {"n=x"}
+    received = run_blocktrack("receive", "--device-name", "n=x", "--device", "y.img", "--input", stream, text=True,
+                              cwd=tmp_path)
+    assert received.returncode == 0, received.stderr
+    assert decoy.read_bytes() == src.read_bytes() != before
+    dangling = run_blocktrack("receive", "--device", f"n={decoy}", "--device-name", "n=x", "--input", stream,
+                              text=True)
+    assert dangling.returncode == 2 and "--device-name n=x" in dangling.stderr, dangling.stderr
+
+
+def test_device_help_states_the_rule():
+    for command in ("send", "receive"):
+        text = " ".join(run_blocktrack(command, "--help", text=True).stdout.split())
+        assert "the '=' that leaves an existing PATH" in text and "--device-name NAME" in text, text

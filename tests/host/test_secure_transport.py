@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 
@@ -219,9 +220,15 @@ def test_second_concurrent_stream_to_a_target_is_refused(tmp_path):
     source = write_image(tmp_path / "src.img", 24 * MiB, seed=13)
     target = blank_image(tmp_path / "dst.img", 24 * MiB)
     state = tmp_path / "state"
-    first, port = start_receiver([f"src.img={target}"], state)
-    migrate = start_migrate(source, port, tmp_path / "nbd.sock", state, "--rate-limit", 4 * MiB)
+    first, port = start_receiver([f"src.img={target}"], state, "--stall-timeout", "600")
+    migrate = start_migrate(source, port, tmp_path / "nbd.sock", state, "--rate-limit", 4 * MiB,
+                            "--stall-timeout", "600")
     migrate.wait_event(lambda e: e.get("event") == "progress" and e["sent_bytes"] >= 2 * MiB)
+    # The first stream must still hold the target while the others try: at 4 MiB/s it would end in
+    # about 6 s, which a loaded machine can spend starting the processes below (then the intruder's
+    # migration went through, and waited for a release that never came). Stopped, it holds the target
+    # for as long as the checks take, within the stall timeouts of 600 s.
+    migrate.signal(signal.SIGSTOP)
     # A second receiver on the same target: a plain stream, then a migration, both refused.
     other = write_image(tmp_path / "other.img", 24 * MiB, seed=14)
     second, port2 = start_receiver([f"d={target}"], tmp_path / "state2")
@@ -233,6 +240,7 @@ def test_second_concurrent_stream_to_a_target_is_refused(tmp_path):
     intruder = start_migrate(other, port3, tmp_path / "nbd2.sock", tmp_path / "state4")
     assert intruder.wait() == 5 and "(target)" in intruder.stderr and "busy" in intruder.stderr
     assert third.wait() == 4
+    migrate.signal(signal.SIGCONT)
     _finish(migrate, first, source, target)  # the first stream was not disturbed
 
 
@@ -262,15 +270,18 @@ def sshd(tmp_path):
     server.close()
 
 
-def test_ssh_migrate_against_a_real_sshd(tmp_path, sshd):
+@pytest.mark.parametrize("name", [None, "vm=7"])
+def test_ssh_migrate_against_a_real_sshd(tmp_path, sshd, name):
+    """With a wire name holding '=', the remote receiver gets it with --device-name (nothing to split)."""
     source = write_image(tmp_path / "src.img", 16 * MiB, seed=16)
     target = blank_image(tmp_path / "dst.img", 16 * MiB)
     state = tmp_path / "state"
     migrate = start_migrate(source, sshd.url(), tmp_path / "nbd.sock", state, "--remote-target", target,
-                            "--stall-timeout", "20", *sshd.options(), auth=())
+                            "--stall-timeout", "20", *sshd.options(), *(["--name", name] if name else []), auth=())
     frozen = migrate.follow(lambda e: e.get("event") in ("frozen", "error"))
     assert frozen["event"] == "frozen", migrate.stderr
     assert migrate.named("connected")[-1]["to"] == sshd.url()
+    assert f"of {name or 'src.img'!r} onto {target}" in migrate.stderr
     assert sha256(source) == sha256(target)
     assert "receive: VERIFIED" in migrate.stderr  # the remote receiver's summary, on its stderr
     migrate.stop()
@@ -287,6 +298,10 @@ def test_ssh_send(tmp_path, sshd):
     wrong = run_blocktrack("send", "--device", f"d={source}", "--to", sshd.url(), "--remote-device",
                            f"e={target}", *sshd.options(), text=True, timeout=120)
     assert wrong.returncode == 5 and "not mapped" in wrong.stderr, wrong.stderr
+    # A name holding '=': --remote-device goes whole to the remote receiver, which splits it there.
+    sent = run_blocktrack("send", "--device", f"d=1={source}", "--to", sshd.url(), "--remote-device",
+                          f"d=1={target}", *sshd.options(), text=True, timeout=120)
+    assert sent.returncode == 0 and "d=1:" in sent.stdout, sent.stderr
 
 
 def test_ssh_with_an_unknown_key_writes_nothing(tmp_path, sshd):

@@ -65,6 +65,16 @@ def settle() -> None:
     run("udevadm", "settle", "--timeout=120")
 
 
+def dm_remove(name: str) -> None:
+    """``dmsetup remove`` as LVM does it: once udev has settled, and retried while the device is
+    busy. udev's probe (blkid) of a device that was just written or changed opens it for a moment,
+    and a remove in that moment fails with EBUSY ("Device or resource busy"): that made
+    test_era_tracks_through_sigkill_and_reboot flaky. dmsetup's own --retry retries for a few
+    seconds; blocktrack's kernel.dm.remove does the same for the product."""
+    settle()
+    run("dmsetup", "remove", "--retry", name)
+
+
 def wait_for(predicate, what: str, timeout: float = 30.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

@@ -17,7 +17,7 @@ from blocktrack.state import StateDir
 
 from .backend_util import (PROJECT, VG, Pass, WriterRun, all_tables, bt, check_rounds, kill_quietly, lvcreate,  # noqa: F401
                            our_devices, our_volumes, report, vg, write_chunks)
-from .conftest import run
+from .conftest import dm_remove, run
 
 BACKENDS = ["era", "snapshot", "nbd"]
 ENROLL_OPTIONS = {"era": [], "snapshot": ["--cow-size", "64M"], "nbd": []}
@@ -143,7 +143,7 @@ def test_era_metadata_too_small_read_only_or_lv_vanishing(bt, tmp_path, clean_di
     run("dmsetup", "create", "tiny-meta", "--table", f"0 128 linear {vdb} 0")
     proc = bt.run("enroll", lv, "--backend", "era", "--metadata", "/dev/mapper/tiny-meta", check=False)
     assert proc.returncode == 2 and "too small" in proc.stderr, proc.stderr
-    run("dmsetup", "remove", "tiny-meta")
+    dm_remove("tiny-meta")
     assert_nothing_of_ours(bt, before_tables)
 
     # Read-only metadata device: the kernel refuses the era table at load, after the hidden device exists.
@@ -152,7 +152,7 @@ def test_era_metadata_too_small_read_only_or_lv_vanishing(bt, tmp_path, clean_di
     proc = bt.run("enroll", lv, "--backend", "era", "--metadata", "/dev/mapper/ro-meta", check=False)
     assert proc.returncode != 0, proc.stdout
     assert_nothing_of_ours(bt, before)
-    run("dmsetup", "remove", "ro-meta")
+    dm_remove("ro-meta")
 
     # The LV vanishes while enroll is half-way (paused after creating the hidden device).
     proc = subprocess.Popen([sys.executable, "-m", "blocktrack", "enroll", lv, "--backend", "era"], cwd=PROJECT,

@@ -10,7 +10,7 @@ block's mark before it issues the first write to that block in an era, so a cras
 from __future__ import annotations
 
 from .backend_util import VG, all_tables, bt, lvcreate, our_devices, report, vg, write_chunks  # noqa: F401
-from .conftest import out, run, settle
+from .conftest import dm_remove, out, run, settle
 
 
 def era_status(name: str) -> list[str]:
@@ -19,9 +19,9 @@ def era_status(name: str) -> list[str]:
 
 def simulate_reboot() -> None:
     """Every dm device gone, then LVM's own activation (linear tables, no blocktrack devices)."""
-    run("dmsetup", "remove", f"{VG}-raw")
+    dm_remove(f"{VG}-raw")
     for name in our_devices():
-        run("dmsetup", "remove", name)
+        dm_remove(name)
     run("vgchange", "-an", VG)
     run("vgchange", "-ay", VG)
     settle()

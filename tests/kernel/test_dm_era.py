@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MiB, dd_write, out, run, settle
+from .conftest import MiB, dd_write, dm_remove, out, run, settle
 
 CHUNK_SECTORS = 2048                     # 1 MiB era blocks
 CHUNK = CHUNK_SECTORS * 512
@@ -81,8 +81,8 @@ def era(clean_disks):
     yield dev
     if dev.status().held_root != "-":
         dev.message("drop_metadata_snap")
-    run("dmsetup", "remove", name)
-    run("dmsetup", "remove", meta_name)
+    dm_remove(name)
+    dm_remove(meta_name)
 
 
 def test_era_lists_exactly_the_written_chunk(era):

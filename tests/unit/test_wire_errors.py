@@ -154,6 +154,58 @@ def test_bare_end_needs_eos():
     fails(EOS + EOS, "final part", StreamTruncated)
 
 
+def records_until_error(data: bytes) -> tuple[list[Record], StreamError | None]:
+    """The records a bare stream yields before it fails (payloads read), and the error."""
+    reader = StreamReader(io.BytesIO(data), chunk_size=SMALL)
+    records, buf = [], bytearray(SMALL)
+    try:
+        while (rec := reader.next_record()) is not None:
+            records.append(rec)
+            if rec.kind == "block" and not rec.zero:
+                reader.read_payload(buf)
+    except StreamError as exc:
+        return records, exc
+    return records, None
+
+
+@pytest.mark.parametrize("after", [
+    block(2) + FINAL,                       # a whole part after the final part
+    block(2) + EOS,                         # ... ending like a dirty pass
+    FINAL + block(2) + FINAL,               # after an empty repeat of the final part
+    block(2, flags=FLAG_DEVICE_BLOCK | FLAG_ZERO_BLOCK) + FINAL,
+    struct.pack(">Q", (7 << 9) | FLAG_PROGRESS) + FINAL,
+    EOS,
+    b"\x00",
+], ids=["part", "part-eos", "after-repeat", "zero-block", "progress", "eos", "garbage"])
+def test_bare_stream_nothing_after_the_final_part(after):
+    """The final part ("progress 100, EOS") ends a bare stream: whatever follows is refused before
+    it is yielded, so a receiver writes none of it (a stream with another appended, say)."""
+    good = block(1) + FINAL
+    repeat = after.startswith(FINAL)        # an empty repeat of the final part is fine; what follows is not
+    records, error = records_until_error(good + after)
+    assert isinstance(error, StreamError) and "after the final part" in str(error), error
+    assert [r.kind for r in records] == ["block", "progress", "eos"] + ["progress", "eos"] * repeat
+    assert error.offset == len(good) + len(FINAL) * repeat
+
+
+def test_bare_stream_may_repeat_an_empty_final_part():
+    """Older writers closed a part right after the last chunk with "progress 100, EOS", then sent the
+    final part: an empty repeat, no data. Those streams stay readable."""
+    assert [r.kind for r in read_all(block(1) + FINAL + FINAL)] == ["block", "progress", "eos", "progress", "eos"]
+
+
+def test_bare_writer_ends_only_the_final_part_with_progress_100():
+    out = io.BytesIO()
+    w = StreamWriter(out, envelope="none", chunk_size=SMALL)
+    w.start()
+    w.block("drive0", 0, bytes(SMALL))
+    w.progress(100)                         # the last chunk was sent, but this is not the final part
+    w.end_part()
+    w.finish()
+    records = read_all(out.getvalue())
+    assert [r.percent for r in records if r.kind == "progress"] == [99, 100]
+
+
 # ---- the envelope ---------------------------------------------------------------------------------
 
 
