@@ -78,6 +78,15 @@ class Budget:
                     self._serving += 1
                     self._cond.notify_all()
 
+    def try_take(self, cost: int) -> bool:
+        """Take ``cost`` only if that needs no wait (nobody queued, room left); never blocks."""
+        with self._cond:
+            if self._closed or self._waiting or not self._fits(cost):
+                return False
+            self._bytes += cost
+            self._count += 1
+            return True
+
     def give(self, cost: int) -> None:
         """Give back what one take held."""
         with self._cond:

@@ -71,6 +71,7 @@ _RECEIVE_BUFFER = 256 * 1024     # request headers (and small payloads) arrive t
 _SEND_BATCH = 512                # buffers per sendmsg (IOV_MAX is 1024)
 _HEADER = p.REQUEST.size
 _KEEP_INTERNAL_ERRORS = 100      # internal errors remembered per connection (the first ones)
+STREAM_PIECE = 4 << 20           # a READ longer than this is read and sent in pieces of this size
 
 _READ, _WRITE = p.NBD_CMD_READ, p.NBD_CMD_WRITE
 _FAST_FLAGS = p.NBD_CMD_FLAG_FUA  # READ/WRITE with only these flags take the fast path
@@ -78,6 +79,7 @@ _FAST_FLAGS = p.NBD_CMD_FLAG_FUA  # READ/WRITE with only these flags take the fa
 
 class Request:
     __slots__ = ("command", "flags", "cookie", "offset", "length", "buf", "reply", "cost", "budgeted", "shared",
+                 "shared_cost",
                  "admitted", "bytes_read", "bytes_written", "failed")
 
     def __init__(self, command: int, flags: int, cookie: int, offset: int, length: int):
@@ -91,6 +93,7 @@ class Request:
         self.cost = 0              # budget bytes held
         self.budgeted = False      # holds a share of the connection's in-flight budget
         self.shared = False        # holds a share of the server's in-flight budget
+        self.shared_cost = 0       # ... of this many bytes
         self.admitted = False      # passed the server's gate (so must call gate.done())
         self.bytes_read = 0
         self.bytes_written = 0
@@ -260,7 +263,9 @@ class Connection:
         connection ends (the caller finishes the request), or None: the request is admitted, or
         refused with ``request.reply`` set."""
         command, length = request.command, request.length
-        data = command == _READ or command == _WRITE
+        # A streamed READ holds no buffer until a worker sends it (_stream_read): here it takes
+        # only its place in the connection's request count.
+        data = command == _WRITE or (command == _READ and length <= STREAM_PIECE)
         if not self._take_budget(request, BufferPool.size_class(length) if data else 0):
             return "server shutting down"
         if data:
@@ -330,6 +335,7 @@ class Connection:
             if not self.shared_budget.take(cost):
                 return False
             request.shared = True
+            request.shared_cost = cost
         return True
 
     def stop(self) -> None:
@@ -355,7 +361,7 @@ class Connection:
                 self._budget.give(request.cost)
             if request.shared:
                 request.shared = False
-                self.shared_budget.give(request.cost)
+                self.shared_budget.give(request.shared_cost)
             if request.admitted:
                 request.admitted = False
                 self.gate.done()
@@ -383,6 +389,9 @@ class Connection:
             if request is None:
                 return
             try:
+                if request.command == _READ and request.length > STREAM_PIECE:
+                    self._stream_read(request)
+                    continue
                 try:
                     request.reply = serve(request)
                 except Exception as exc:  # a bug: answer EIO rather than leave the client waiting
@@ -430,6 +439,110 @@ class Connection:
             at = r.offset if command not in (p.NBD_CMD_FLUSH, p.NBD_CMD_BLOCK_STATUS) and r.length else None
             return self._error_reply(r, p.nbd_error(exc.errno or 0), message, at)
 
+    # -- streamed reads -------------------------------------------------------------------------
+
+    def _stream_read(self, r: Request) -> None:
+        """Answer a READ longer than STREAM_PIECE piece by piece: read a piece, send it, read the
+        next into the same buffer. The reply must not be interleaved with others (a simple reply's
+        data follows its header), so the worker holds ``_send_lock`` from the first piece to the
+        last; a client that does not read its replies therefore holds one piece of the server's
+        memory, not 32 MiB per request.
+
+        The piece's buffer is taken from the server's shared budget. Waiting for it while holding
+        the send lock could deadlock (this connection's own queued replies may be what holds the
+        budget, and only the lock holder sends them), so when there is no room the worker lets the
+        lock go, waits for room, and only then takes the lock again."""
+        lock = self._send_lock
+        shared = self.shared_budget
+        piece = BufferPool.size_class(STREAM_PIECE)
+        lock.acquire()
+        try:
+            if shared is not None and not r.shared:
+                if not shared.try_take(piece):
+                    lock.release()
+                    try:
+                        took = shared.take(piece)
+                    finally:
+                        lock.acquire()
+                    if not took:
+                        r.failed = True
+                        r.reply = self._error_reply(r, p.NBD_ESHUTDOWN, "server shutting down")
+                        self._outq.append(r)
+                        self._send_queued()
+                        return
+                r.shared = True
+                r.shared_cost = piece
+            self._send_queued()            # replies queued before this one go first
+            r.buf = self.pool.get(STREAM_PIECE)
+            self._send_pieces(r)
+            self._account(r)
+            self._finish(r)
+        except Exception as exc:  # a bug, or no memory for the buffer: the stream may be out of step
+            self._note_internal_error(f"streaming {p.command_name(r.command)}", exc, r)
+            self._hang_up()
+            self._finish(r)
+        finally:
+            lock.release()
+        # Replies queued while this one was streaming must not be stranded (see _complete).
+        while self._outq and lock.acquire(blocking=False):
+            try:
+                self._send_queued()
+            finally:
+                lock.release()
+
+    def _send_pieces(self, r: Request) -> None:
+        """Read and send ``r`` in pieces (send lock held). With structured replies each piece is
+        its own data chunk and an error after some pieces is an error chunk; with simple replies
+        (or NBD_CMD_FLAG_DF) there is one header for all the data, sent with the first piece, so
+        an error after it can only be told by hanging up, as the spec asks."""
+        chunked = self._structured and not r.flags & p.NBD_CMD_FLAG_DF
+        view = memoryview(r.buf)
+        sent = 0
+        try:
+            while sent < r.length and not self._broken:
+                n = min(STREAM_PIECE, r.length - sent)
+                part = view[:n]
+                try:
+                    self.export.read_into(part, r.offset + sent)
+                except OSError as exc:
+                    r.failed = True
+                    if sent and not chunked:
+                        self._hang_up()
+                        return
+                    message = f"READ at {r.offset + sent}: {exc.strerror or exc}"
+                    self._send_now(self._error_reply(r, p.nbd_error(exc.errno or 0), message, r.offset + sent))
+                    return
+                last = sent + n == r.length
+                if chunked:
+                    header = [p.STRUCTURED_OFFSET_DATA.pack(p.STRUCTURED_REPLY_MAGIC, p.NBD_REPLY_FLAG_DONE if last else 0,
+                                                            p.NBD_REPLY_TYPE_OFFSET_DATA, r.cookie, 8 + n,
+                                                            r.offset + sent)]
+                elif not sent:
+                    header = self._data_reply(r, None)[:1]
+                else:
+                    header = []
+                self._send_now([*header, part])
+                sent += n
+            r.bytes_read = sent
+        finally:
+            view.release()
+
+    def _send_now(self, buffers: list) -> None:
+        """Send under the send lock; a failure to send hangs up."""
+        if self._broken:
+            return
+        try:
+            send_all(self.sock, buffers)
+        except OSError:
+            self._hang_up()
+
+    def _account(self, request: Request) -> None:
+        stats = self.stats
+        stats.requests += 1
+        stats.bytes_read += request.bytes_read
+        stats.bytes_written += request.bytes_written
+        stats.errors += request.failed
+
     # -- replies --------------------------------------------------------------------------------
 
     def _complete(self, request: Request) -> None:
@@ -446,7 +559,6 @@ class Connection:
 
     def _send_queued(self) -> None:
         outq = self._outq
-        stats = self.stats
         while outq:
             batch, done = [], []
             while outq and len(batch) < _SEND_BATCH:
@@ -463,10 +575,7 @@ class Connection:
                     self._hang_up()
             batch.clear()  # the batch's views of the buffers go before the buffers go back
             for request in done:
-                stats.requests += 1
-                stats.bytes_read += request.bytes_read
-                stats.bytes_written += request.bytes_written
-                stats.errors += request.failed
+                self._account(request)
                 try:
                     self._finish(request)
                 except Exception as exc:  # the budgets and the gate were given back all the same

@@ -54,7 +54,7 @@ def transmission_flags(export: Export, structured: bool) -> int:
     else:
         flags |= p.NBD_FLAG_SEND_TRIM | p.NBD_FLAG_SEND_WRITE_ZEROES | p.NBD_FLAG_SEND_FAST_ZERO
     if structured:
-        flags |= p.NBD_FLAG_SEND_DF  # we always send a read as one data chunk anyway
+        flags |= p.NBD_FLAG_SEND_DF  # a READ with NBD_CMD_FLAG_DF goes as one data chunk, even streamed
     return flags
 
 

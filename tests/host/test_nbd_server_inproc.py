@@ -481,8 +481,8 @@ def test_shutdown_ends_a_reader_waiting_for_the_shared_budget(image, make_server
     server = make_server(Export(image), max_total_inflight_bytes=LARGE_READ, on_event=events)
     hog, hog_handle = pair(server, "newstyle")
     hog.handshake()
-    hog.request(p.NBD_CMD_READ, 0, 16 * MiB)        # never read: its reply cannot all be sent
-    hog.request(p.NBD_CMD_READ, 0, 16 * MiB)
+    for _ in range(9):    # never read: 4 MiB READs (not streamed) hold their buffers until sent
+        hog.request(p.NBD_CMD_READ, 0, connection_module.STREAM_PIECE)
     waiter, waiter_handle = pair(server, "newstyle")
     waiter.handshake()
     waiter.request(p.NBD_CMD_READ, 0, 4096)
@@ -496,3 +496,79 @@ def test_shutdown_ends_a_reader_waiting_for_the_shared_budget(image, make_server
     assert hog_handle.join(WAIT)
     assert server.gate.inflight == 0 and server.budget.held_bytes == 0
     waiter.close()
+
+
+# -- streamed reads (issue 23) -----------------------------------------------------------------------------
+
+class PieceFailingExport(Export):
+    """Reads at ``fail_at`` fail with EIO (the third piece of a streamed READ, say)."""
+
+    fail_at = 2 * connection_module.STREAM_PIECE
+
+    def read_into(self, view, offset):
+        if offset == self.fail_at:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        super().read_into(view, offset)
+
+
+def test_a_large_read_is_streamed_in_pieces_of_structured_chunks(tmp_path, make_server):
+    """A READ longer than STREAM_PIECE arrives as one data chunk per piece, the last one marked
+    done, and whole; with NBD_CMD_FLAG_DF as a single chunk."""
+    image = stamped_image(tmp_path / "big.img", 64 * MiB)
+    server = make_server(Export(image))
+    client, _handle = pair(server, "newstyle")
+    client.handshake(structured=True)
+    reply = client.call(p.NBD_CMD_READ, 0, LARGE_READ)
+    assert reply.chunk_types == [p.NBD_REPLY_TYPE_OFFSET_DATA] * (LARGE_READ // connection_module.STREAM_PIECE)
+    assert bytes(reply.data) == image.read_bytes()[:LARGE_READ]
+    whole = client.call(p.NBD_CMD_READ, LARGE_READ, LARGE_READ, p.NBD_CMD_FLAG_DF)
+    assert whole.chunk_types == [p.NBD_REPLY_TYPE_OFFSET_DATA]
+    assert bytes(whole.data) == image.read_bytes()[LARGE_READ:]
+    client.disconnect()
+    assert server.gate.inflight == 0 and server.budget.held_bytes == 0
+
+
+def test_an_error_in_the_middle_of_a_streamed_read(tmp_path, make_server):
+    """Structured replies: the pieces before the error arrive as data, then an error chunk with
+    its offset, and the connection goes on. Simple replies: the header (error 0) went out with the
+    first piece, so the only honest way to tell the client is to hang up."""
+    image = stamped_image(tmp_path / "big.img", 64 * MiB)
+    server = make_server(PieceFailingExport(image))
+    client, handle = pair(server, "newstyle")
+    client.handshake(structured=True)
+    cookie = client.request(p.NBD_CMD_READ, 0, LARGE_READ)
+    reply = client.reply()
+    assert reply.cookie == cookie and reply.error == p.NBD_EIO
+    assert reply.chunk_types == [p.NBD_REPLY_TYPE_OFFSET_DATA] * 2 + [p.NBD_REPLY_TYPE_ERROR_OFFSET]
+    assert reply.error_offset == PieceFailingExport.fail_at
+    assert client.read(LARGE_READ, 4096) == image.read_bytes()[LARGE_READ:LARGE_READ + 4096]
+    client.disconnect()
+    assert handle.join(WAIT)
+
+    simple, handle = pair(server, "newstyle")
+    simple.handshake(structured=False)
+    simple.request(p.NBD_CMD_READ, 0, LARGE_READ)
+    with pytest.raises((PeerClosed, ConnectionError, ValueError, OSError)):
+        simple.reply()
+    assert handle.join(WAIT)
+    assert server.gate.inflight == 0 and server.budget.held_bytes == 0 and server.budget.held_count == 0
+
+
+def test_a_client_that_reads_no_reply_holds_one_piece_and_blocks_no_one(tmp_path, make_server):
+    """A client pipelines eight 32 MiB READs and reads nothing; the server's shared budget is the
+    size of one such READ. The stalled client holds at most one piece of it, so another client's
+    32 MiB READ is served at once (before streaming it waited for ever)."""
+    image = stamped_image(tmp_path / "big.img", 64 * MiB)
+    server = make_server(Export(image), max_total_inflight_bytes=LARGE_READ)
+    hog, hog_handle = pair(server, "newstyle")
+    hog.handshake(structured=False)
+    for k in range(8):
+        hog.request(p.NBD_CMD_READ, (k % 2) * LARGE_READ, LARGE_READ)
+    other, _ = pair(server, "newstyle")
+    other.handshake(structured=True)
+    assert bytes(other.read(LARGE_READ, LARGE_READ)) == image.read_bytes()[LARGE_READ:]
+    assert server.budget.held_bytes <= connection_module.STREAM_PIECE
+    other.disconnect()
+    hog.close()
+    assert hog_handle.join(WAIT)
+    assert server.gate.inflight == 0 and server.budget.held_bytes == 0
