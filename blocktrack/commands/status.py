@@ -88,6 +88,13 @@ def migration_status(state_dir: str | None) -> list[dict]:
         entry = {"role": "source", "migration_id": s.migration_id, "device": s.device, "name": s.name,
                  "to": s.to, "backend": s.backend, "phase": s.phase, "attempt": s.attempt, "pid": s.pid,
                  "bytes_sent": s.bytes_sent, "size": s.size, "live": None}
+        result = getattr(s, "result", None)
+        if isinstance(result, dict) and "chunks_verified" in result:
+            # How much of the device the verdict covers: every chunk, by the digest maps or (full) by
+            # reading both devices again.
+            entry["verification"] = {"result": result.get("result"), "chunks_compared": result["chunks_verified"],
+                                     "chunks": result.get("chunks"), "verify": result.get("verify"),
+                                     "verified_by": result.get("verified_by")}
         if s.control_socket and s.pid and _alive(s.pid):
             try:
                 entry["live"] = control.request(s.control_socket, {"op": "status"}, timeout=5.0)
@@ -95,8 +102,13 @@ def migration_status(state_dir: str | None) -> list[dict]:
                 entry["live_error"] = str(exc)
         out.append(entry)
     for t in targets:
-        out.append({"role": "target", "migration_id": t.migration_id, "device": t.device, "target": t.target,
-                    "size": t.size, "status": t.status, "attempt": t.attempt})
+        entry = {"role": "target", "migration_id": t.migration_id, "device": t.device, "target": t.target,
+                 "size": t.size, "status": t.status, "attempt": t.attempt}
+        if t.error:
+            entry["error"] = t.error               # why it stopped ("interrupted", "failed")
+        if t.overwritten:
+            entry["overwritten"] = t.overwritten   # written outside the migration: no resume
+        out.append(entry)
     return out
 
 

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from blocktrack.backends.base import fault_point
 from blocktrack.directio import ChunkReader, is_zero
 from blocktrack.dirtymap import DirtyMap
 from blocktrack.errors import BlocktrackError, DeviceError
@@ -286,6 +287,7 @@ class LiveMigration:
                 if in_flight:
                     # Let what is on the way arrive and be flushed (zero chunks cost the receiver
                     # writes, not link time) so the downtime holds only the final set.
+                    self.link.mark()    # the receiver checks it got all of it (see control.MARK)
                     self.link.wait_durable(self.log[-1][0], 0.05)
                     continue
                 return
@@ -367,6 +369,7 @@ class LiveMigration:
 
     def _cutover(self) -> bool:
         """Freeze and finish; False (thawed again) when the last dirty set turned out too big."""
+        fault_point("migrate.before-cutover")   # tests: change the target behind the receiver's back
         self._set_phase("cutover", pending_bytes=self.estimate[0],
                         link_mb_per_s=None if self.estimate[1] is None else round(self.estimate[1] / 1e6, 2))
         frozen_at = time.monotonic()
@@ -443,7 +446,7 @@ class LiveMigration:
             problems.append(f"chunks {chunk_list(differ)} differ")
         self.downtime = time.monotonic() - frozen_at
         if problems:
-            message = "verification failed: " + "; ".join(problems)
+            message = f"verification of device {self.name!r} failed: " + "; ".join(problems)
             self.link.verdict(C.VERDICT_MISMATCH, message)
             for index in differ + unknown:
                 self.carry.mark(index)
@@ -623,6 +626,9 @@ class LiveMigration:
                 "verify": round((self.downtime - self.final_sent_s) * 1000, 1)},
             "max_downtime_ms": round(self.opt.max_downtime * 1000),
             "verify": self.opt.verify,
+            "verified_by": ("both devices read again at the cutover" if self.opt.verify == "full"
+                            else "the digest maps of both ends, every chunk as sent and as written"),
+            "chunks": self.nchunks,
             "chunks_verified": self.verified_chunks,
             "link_mb_per_s": None if rate is None else round(rate / 1e6, 2),
             "throttled_to_mb_per_s": None if self.throttle_rate is None else round(self.throttle_rate / 1e6, 3),

@@ -42,6 +42,7 @@ class ReceiverLink:
         self.hello = hello
         self.nchunks = hello.nchunks
         self.sent = 0
+        self._marked = 0        # the count the last MARK carried
         self.received = 0
         self.durable = 0
         self.result: C.Result | None = None
@@ -93,8 +94,17 @@ class ReceiverLink:
             self.sent += piece.nbytes
             view = view[piece.nbytes:]
 
+    def mark(self) -> None:
+        """Tell the receiver how many stream bytes were sent (MARK frame), once per count: it checks
+        that it received exactly that many."""
+        if self.sent != self._marked:
+            self.check()
+            self._send(C.encode_mark(self.sent))
+            self._marked = self.sent
+
     def end(self) -> None:
-        """The stream is complete (END frame)."""
+        """The stream is complete (MARK, END frames)."""
+        self.mark()
         self.check()
         self._send(C.frame_header(C.FRAME_END, 0))
 

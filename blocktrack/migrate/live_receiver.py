@@ -105,6 +105,7 @@ class FramedSource:
     def __init__(self, conn: _Connection):
         self.conn = conn
         self.remaining = 0
+        self.received = 0       # stream bytes that arrived in DATA frames: checked against MARK
         self.ended = False
         self.eof = False
 
@@ -121,6 +122,13 @@ class FramedSource:
             kind, length = C.decode_frame_header(head, start)
             if kind == C.FRAME_KEEPALIVE:
                 continue
+            if kind == C.FRAME_MARK:
+                (sent,) = C.MARK.unpack(self.conn.recv_exact(C.MARK.size, "inside a mark frame"))
+                if sent != self.received:
+                    raise StreamError(f"the stream was altered on the way: the sender had sent {sent} bytes of "
+                                      f"it, {self.received} arrived (a middlebox cut or spliced it; use TLS or "
+                                      "a pre-shared key, which protect it)", start)
+                continue
             if kind == C.FRAME_END:
                 self.ended = True
                 return 0
@@ -133,6 +141,7 @@ class FramedSource:
             self.eof = True
             return 0
         self.remaining -= got
+        self.received += got
         return got
 
     def read_verdict(self) -> tuple[int, str]:
@@ -225,7 +234,7 @@ def _serve_locked(conn, hello, spec, target_size, refuse, state_root, progress, 
         state.attempt = hello.attempt
     else:
         state = TargetState(mid, hello.device, spec.path, hello.size, hello.chunk_size, attempt=hello.attempt)
-    state.status = "receiving"
+    state.status, state.error = "receiving", ""
     held.save(TargetState.held_path(folder))
     state.save(folder)
     try:
@@ -403,6 +412,7 @@ def _interrupted(target: _Target, held: DirtyMap, state: TargetState, folder: Pa
     lost = []
     TargetState.release_room(folder)
     was, state.status = state.status, "interrupted"
+    state.error = str(exc)[:2000]
     try:
         state.save(folder)
     except BlocktrackError as problem:

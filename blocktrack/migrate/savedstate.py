@@ -209,6 +209,7 @@ class TargetState(JsonRecord):
     status: str = "receiving"       # receiving | interrupted | complete | verified | mismatch | failed | overwritten
     attempt: int = 1
     overwritten: str = ""           # status "overwritten": by what, and when
+    error: str = ""                 # status "interrupted" or "failed": the first error, as reported
     updated: float = 0.0
     version: int = STATE_VERSION
 
@@ -232,7 +233,12 @@ class TargetState(JsonRecord):
 
     @staticmethod
     def release_room(folder: Path) -> None:
-        (folder / "reserve").unlink(missing_ok=True)
+        """Give back the kept room. Never raises: it runs on the way out of a failure, whose error
+        must stay the one reported (a room that cannot be removed is only a lost reserve)."""
+        try:
+            (folder / "reserve").unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 

@@ -523,6 +523,8 @@ class Connection:
                     header = []
                 self._send_now([*header, part])
                 sent += n
+                if chunked and self._outq and not last:
+                    self._send_queued()    # other replies may go between two chunks of this one
             r.bytes_read = sent
         finally:
             view.release()

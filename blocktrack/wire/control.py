@@ -22,7 +22,8 @@ our last byte 0xff sets flag bits 0xf0, which no record may carry, so no valid b
 with HELLO_MAGIC::
 
     0   8  magic          b"BTMIGRT\\xff"
-    8   2  version        3 (2 sent digests of the final part only; 1 had no keep-alives)
+    8   2  version        4 (3 had no MARK frames; 2 sent digests of the final part only; 1 had no
+                          keep-alives)
     10  2  flags          0x1 RESUME (continue migration <id>), 0x2 VERIFY_FULL (digest every chunk)
     12  16 migration id   random, chosen by the sender when the migration starts, kept on resume
     28  8  device size    bytes of the source device
@@ -33,11 +34,16 @@ with HELLO_MAGIC::
 
 Sender frames (5-byte header, then the payload)::
 
-    0   1  type           1 DATA, 2 END, 3 VERDICT, 4 KEEPALIVE
-    1   4  length         payload bytes: DATA 1..MAX_DATA_FRAME, END 0, VERDICT 1..4097, KEEPALIVE 0
+    0   1  type           1 DATA, 2 END, 3 VERDICT, 4 KEEPALIVE, 5 MARK
+    1   4  length         payload bytes: DATA 1..MAX_DATA_FRAME, END 0, VERDICT 1..4097, KEEPALIVE 0,
+                          MARK 8
     DATA                  the next bytes of the migration stream
     END                   the stream is complete: the receiver's stream reader sees its end here
     VERDICT               u8 result (0 VERIFIED, 1 MISMATCH, 2 FAILED), then a UTF-8 message
+    MARK                  be64: how many stream bytes the sender has sent in DATA frames so far. Sent
+                          before END and whenever the sender starts waiting for the receiver to catch
+                          up; the receiver checks it received exactly that many, so a stream cut or
+                          spliced on the way (a middlebox, no TLS) fails at once, not by a stall
     KEEPALIVE             nothing: sent when the sender has sent nothing for a third of its stall
                           timeout, so the receiver can tell an idle sender from a stalled one
 
@@ -80,7 +86,7 @@ from dataclasses import dataclass
 
 from blocktrack.errors import StreamError
 
-VERSION = 3  # 3: RESULT carries the whole digest map; 2: keep-alive frames and messages
+VERSION = 4  # 4: MARK frames; 3: RESULT carries the whole digest map; 2: keep-alive frames and messages
 HELLO_MAGIC = b"BTMIGRT\xff"
 HELLO = struct.Struct(">8sHH16sQIIB")
 FLAG_RESUME = 0x1
@@ -90,7 +96,8 @@ MIGRATION_ID_LEN = 16
 MAX_NAME_LEN = 255
 
 FRAME = struct.Struct(">BI")
-FRAME_DATA, FRAME_END, FRAME_VERDICT, FRAME_KEEPALIVE = 1, 2, 3, 4
+FRAME_DATA, FRAME_END, FRAME_VERDICT, FRAME_KEEPALIVE, FRAME_MARK = 1, 2, 3, 4, 5
+MARK = struct.Struct(">Q")
 MAX_DATA_FRAME = 16 << 20
 MAX_MESSAGE = 4096
 VERDICT_VERIFIED, VERDICT_MISMATCH, VERDICT_FAILED = 0, 1, 2
@@ -213,9 +220,16 @@ def decode_frame_header(raw: bytes, offset: int) -> tuple[int, int]:
     elif kind == FRAME_VERDICT:
         if not 1 <= length <= MAX_MESSAGE + 1:
             raise StreamError(f"verdict frame of {length} bytes", offset)
+    elif kind == FRAME_MARK:
+        if length != MARK.size:
+            raise StreamError(f"mark frame of {length} bytes", offset)
     else:
         raise StreamError(f"unknown frame type {kind}", offset)
     return kind, length
+
+
+def encode_mark(sent: int) -> bytes:
+    return frame_header(FRAME_MARK, MARK.size) + MARK.pack(sent)
 
 
 def encode_verdict(result: int, message: str) -> bytes:

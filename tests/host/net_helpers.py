@@ -112,6 +112,108 @@ class FaultProxy:
                 pass
 
 
+class RecordDroppingProxy:
+    """Forward one migration connection to 127.0.0.1:``port`` and drop one whole record from the
+    migration stream: the first ``length`` stream bytes that begin with ``pattern`` (say a chunk's
+    record word and device name, then its 1 MiB of data). It reads the sender's HELLO and frames
+    (blocktrack.wire.control) to find the stream inside the DATA frames, holds back the bytes that
+    may begin a match, and frames what it forwards anew; everything else passes as it came.
+    ``dropped`` is set once the record is gone."""
+
+    def __init__(self, port: int, pattern: bytes, length: int):
+        self.port = port
+        self.pattern = pattern
+        self.length = length
+        self.dropped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.listener.settimeout(WAIT)
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.port))
+        self._sockets = [client, upstream]
+        back = threading.Thread(target=self._pass, args=(upstream, client), daemon=True)
+        back.start()
+        try:
+            self._sender_side(client, upstream)
+        except (OSError, EOFError):
+            pass
+        back.join(WAIT)
+
+    @staticmethod
+    def _pass(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _exact(sock: socket.socket, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            got = sock.recv(n - len(data))
+            if not got:
+                raise EOFError
+            data += got
+        return bytes(data)
+
+    def _sender_side(self, src: socket.socket, dst: socket.socket) -> None:
+        from blocktrack.wire import control as C
+
+        hello = self._exact(src, 45)
+        dst.sendall(hello + self._exact(src, hello[44]))
+        pending = bytearray()
+        while True:
+            try:
+                header = self._exact(src, 5)
+            except EOFError:
+                dst.shutdown(socket.SHUT_WR)
+                return
+            kind, length = struct.unpack(">BI", header)
+            payload = self._exact(src, length)
+            if kind != C.FRAME_DATA:
+                self._send_data(dst, pending)
+                pending.clear()
+                dst.sendall(header + payload)
+                continue
+            pending += payload
+            hold = 0
+            if not self.dropped.is_set():
+                at = pending.find(self.pattern)
+                if at >= 0 and len(pending) >= at + self.length:
+                    del pending[at:at + self.length]
+                    self.dropped.set()
+                else:
+                    hold = len(pending) - at if at >= 0 else min(len(pending), len(self.pattern) - 1)
+            out = len(pending) - hold
+            self._send_data(dst, pending[:out])
+            del pending[:out]
+
+    @staticmethod
+    def _send_data(dst: socket.socket, data) -> None:
+        from blocktrack.wire import control as C
+
+        for start in range(0, len(data), 1 << 20):
+            part = bytes(data[start:start + (1 << 20)])
+            dst.sendall(struct.pack(">BI", C.FRAME_DATA, len(part)) + part)
+
+    def close(self) -> None:
+        for sock in self._sockets + [self.listener]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
 # -- certificates ------------------------------------------------------------------------------------
 
 

@@ -178,6 +178,8 @@ def test_full_target_with_its_state_folder_on_it(tmp_path, small_tmpfs):
     fs = os.statvfs(small_tmpfs)
     assert fs.f_bavail * fs.f_frsize <= RESERVED_ROOM             # full, but for the room given back
     assert _target_status(state, target) == "interrupted"
+    record = TargetState.load(target_folder(state_root(str(state)), str(target)))
+    assert "No space left on device" in record.error, record     # the record says why, for the resume
 
 
 def test_a_record_that_cannot_be_saved_never_hides_the_first_error(tmp_path, small_tmpfs):

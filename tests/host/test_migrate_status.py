@@ -45,4 +45,8 @@ def test_status_lists_a_running_migration_and_its_phase(tmp_path):
     assert targets and targets[0]["migration_id"] == migration_id and targets[0]["target"] == str(target)
     frozen = [m for m in json.loads(seen["frozen"].stdout)["migrations"] if m["role"] == "source"][0]
     assert frozen["live"]["phase"] == "frozen" and frozen["live"]["result"]["result"] == "verified"
+    # How much the verdict covers: every chunk of the device, and by what (issue 24).
+    assert frozen["verification"] == {"result": "verified", "chunks_compared": 24, "chunks": 24, "verify": "digest",
+                                      "verified_by": "the digest maps of both ends, every chunk as sent and as "
+                                                     "written"}, frozen
     assert f"migration {migration_id}" in seen["text"].stdout and "frozen" in seen["text"].stdout

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
+import subprocess
+import time
 
 import pytest
 
@@ -25,6 +28,7 @@ from blocktrack.dirtymap import DirtyMap
 from blocktrack.migrate.savedstate import SourceState, TargetState, source_folder, state_root, target_folder
 from blocktrack.migrate.scenario import live_migration, release, sha256, start_migrate, start_receiver
 from tests.conftest import MiB, blank_image, run_blocktrack, write_image
+from tests.host.net_helpers import RecordDroppingProxy
 
 LINK = 8 * MiB
 SIZE = 32 * MiB
@@ -191,3 +195,73 @@ def test_writable_serve_drops_the_record_read_only_does_not(tmp_path):
         else:
             assert record.status == "overwritten" and "`blocktrack serve`" in record.overwritten
             assert not TargetState.held_path(folder).exists()
+
+
+def test_verify_full_catches_a_target_changed_before_the_cutover(tmp_path, started, monkeypatch):
+    """`--verify full` re-reads both devices at the cutover, so it also catches a target changed
+    behind the receiver's back, which the digest maps cannot see: one byte of chunk 5, changed with
+    dd after the receiver wrote that chunk and before the cutover, fails verification naming the
+    device and chunk 5; never VERIFIED. (The sender pauses at the fault point before its cutover.)"""
+    source = write_image(tmp_path / "src.img", SIZE, seed=36)
+    target = blank_image(tmp_path / "dst.img", SIZE)
+    state, sock = tmp_path / "state", tmp_path / "nbd.sock"
+    receiver, port = start_receiver([f"src.img={target}"], state)
+    monkeypatch.setenv("BLOCKTRACK_FAULT", "migrate.before-cutover=pause")
+    monkeypatch.setenv("BLOCKTRACK_FAULT_DIR", str(tmp_path))
+    migrate = start_migrate(source, port, sock, state, "--verify", "full")
+    monkeypatch.delenv("BLOCKTRACK_FAULT")
+    started += [receiver, migrate]
+    paused = tmp_path / "migrate.before-cutover.paused"
+    wait_until(paused.exists, "the sender to pause before its cutover")
+    chunk5 = source.read_bytes()[5 * MiB:6 * MiB]
+    # No writer runs, so the receiver writes chunk 5 once: wait until it is there, then change it.
+    wait_until(lambda: _read(target, 5 * MiB, MiB) == chunk5, "chunk 5 to reach the target")
+    at = 5 * MiB + 777
+    changed = bytes([chunk5[777] ^ 0xFF])
+    subprocess.run(["dd", f"of={target}", "bs=1", f"seek={at}", "count=1", "conv=notrunc", "status=none"],
+                   input=changed, check=True)
+    (tmp_path / "migrate.before-cutover.resume").touch()
+    _verified_or_failed(migrate, source, target)
+    assert migrate.wait() == 6, migrate.stderr
+    assert "chunks 5 differ" in migrate.stderr and "'src.img'" in migrate.stderr, migrate.stderr
+    assert "VERIFIED" not in migrate.stderr
+    assert receiver.wait() == 6, receiver.stderr
+
+
+def _read(path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
+def wait_until(predicate, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_chunk_record_dropped_on_the_way_never_verifies(tmp_path, started):
+    """Over --insecure TCP (no integrity but TCP's), a proxy drops the whole record of chunk 7 from
+    the stream. The migration fails at once by the stream's own check (the sender's MARK frame
+    says how many bytes it sent; fewer arrived), or else by the digest maps naming chunk 7, and
+    never reports VERIFIED. Before MARK frames it failed only by --stall-timeout, saying the
+    network stalled."""
+    source = write_image(tmp_path / "src.img", SIZE, seed=37)
+    target = blank_image(tmp_path / "dst.img", SIZE)
+    state, sock = tmp_path / "state", tmp_path / "nbd.sock"
+    receiver, port = start_receiver([f"src.img={target}"], state)
+    record = struct.pack(">Q", 7 * MiB | 0x01) + bytes([len(b"src.img")]) + b"src.img"  # DEVICE_BLOCK
+    proxy = RecordDroppingProxy(port, record, len(record) + MiB)
+    try:
+        migrate = start_migrate(source, proxy.address, sock, state, "--stall-timeout", "10")
+        started += [receiver, migrate]
+        _verified_or_failed(migrate, source, target)
+        code = migrate.wait()
+        assert proxy.dropped.is_set()
+    finally:
+        proxy.close()
+    assert code != 0, migrate.stderr
+    assert not migrate.named("summary") and "VERIFIED" not in migrate.stderr, migrate.stderr
+    assert "chunks 7 differ" in migrate.stderr or "the stream was altered on the way" in migrate.stderr, migrate.stderr
+    assert receiver.wait() != 0, receiver.stderr
+    assert _read(target, 7 * MiB, MiB) != source.read_bytes()[7 * MiB:8 * MiB]
