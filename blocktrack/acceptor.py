@@ -43,6 +43,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_PER_SOURCE = 8
 DEFAULT_TOTAL = 64
 REFUSAL_PAUSE = 1.0
+_WAKE_CHECK = 0.1   # seconds between two looks at whether a waiting handshake was ended
 
 
 @dataclass(frozen=True)
@@ -160,15 +161,27 @@ class _Pacer:
             if time.monotonic() < when:
                 raise TimeoutError
 
+    @staticmethod
+    def _acquire(acquire, handshake: Handshake) -> None:
+        """``acquire(timeout=...)`` within the handshake's deadline, giving up as soon as the accept
+        loop ends the handshake: a waiter made to give way must not keep its thread (and descriptors)
+        until its deadline, or a flood of connections would pile threads up."""
+        while True:
+            if handshake.ended.is_set():
+                raise _Ended(handshake.ended_by)
+            remaining = handshake.remaining()
+            if remaining <= 0:
+                raise TimeoutError
+            if acquire(timeout=min(remaining, _WAKE_CHECK)):
+                return
+
     @contextlib.contextmanager
     def turn(self, handshake: Handshake):
         with self._source(handshake.source) as entry:
-            if not entry.lock.acquire(timeout=handshake.remaining()):
-                raise TimeoutError
+            self._acquire(entry.lock.acquire, handshake)
             try:
                 self._sleep_until(handshake, entry.not_before)
-                if not self._slots.acquire(timeout=handshake.remaining()):
-                    raise TimeoutError
+                self._acquire(self._slots.acquire, handshake)
                 try:
                     if handshake.ended.is_set():  # ended while it waited: decide nothing, pause nobody
                         raise _Ended(handshake.ended_by)

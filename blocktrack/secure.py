@@ -32,12 +32,14 @@ the receiver and the stall timeout on the sender.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import socket
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -205,30 +207,87 @@ def _handshake_errors(what: str, sec: Security, step, *, timeout: float, timeout
                                   "our credentials)") from None
 
 
+RETRY_FIRST = 0.2      # seconds before the first new try after the receiver dropped us unauthenticated
+RETRY_MAX = 2.0        # the longest pause between two tries
+
+
+_DROPPED = (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ENOTCONN)
+
+
+class _DroppedBeforeAuthentication(Exception):
+    """The receiver closed the connection before the TLS handshake was done: its admission limits
+    (blocktrack.acceptor: too many unauthenticated connections from our address, the oldest of them
+    making way) refused or evicted us. Nothing was decided about our credentials: worth a new try."""
+
+
 def connect_channel(address: str, sec: Security) -> SocketChannel:
-    """Connect to a receiver, authenticate as ``sec`` says, return the channel (nothing sent yet)."""
+    """Connect to a receiver, authenticate as ``sec`` says, return the channel (nothing sent yet).
+
+    A connection the receiver closes before the TLS handshake is done is tried again, with pauses
+    from RETRY_FIRST doubling to RETRY_MAX, for as long as ``sec.stall_timeout`` allows: a receiver
+    whose port is crowded by connections that never authenticate drops them (and sometimes us) to
+    make way, and the real sender must get through all the same. A refused TCP connection (nothing
+    listens), a certificate or key that is refused, and a timeout are not retried."""
     host, port = parse_host_port(address)
     key = psk.read_key_file(sec.psk_file) if sec.mode == "psk" else None
+    deadline = time.monotonic() + sec.stall_timeout
+    pause, tries = RETRY_FIRST, 0
+    while True:
+        tries += 1
+        try:
+            return _connect_once(address, host, port, sec, key)
+        except _DroppedBeforeAuthentication as exc:
+            if time.monotonic() + pause >= deadline:
+                raise AuthenticationError(
+                    f"TLS to {address}: the receiver closed the connection before the handshake was done, "
+                    f"{tries} time(s) in {sec.stall_timeout:g} s (--stall-timeout; last: {exc}): it refuses "
+                    "connections from this address (too many unauthenticated ones: see its "
+                    "--max-handshakes-per-address) or is not a blocktrack receiver") from None
+        time.sleep(pause)
+        pause = min(pause * 2, RETRY_MAX)
+
+
+def _connect_once(address: str, host: str, port: int, sec: Security, key) -> SocketChannel:
     try:
         sock = socket.create_connection((host, port), timeout=sec.stall_timeout)
     except OSError as exc:
+        if exc.errno in _DROPPED:      # accepted and reset at once: an admission limit
+            raise _DroppedBeforeAuthentication(exc.strerror or str(exc)) from None
         raise PeerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
     try:
         _tune(sock, sec)
         if sec.mode != "insecure":
             ctx, _ = _context(sec, server=False)
-            tls = ctx.wrap_socket(sock, server_hostname=host if sec.mode == "cert" else None,
-                                  do_handshake_on_connect=False)
+            try:
+                tls = ctx.wrap_socket(sock, server_hostname=host if sec.mode == "cert" else None,
+                                      do_handshake_on_connect=False)
+            except OSError as exc:
+                if exc.errno in _DROPPED:  # reset before the first TLS byte (ssl probes the socket)
+                    raise _DroppedBeforeAuthentication(exc.strerror or str(exc)) from None
+                raise PeerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
             sock = tls
             tls.settimeout(sec.stall_timeout)
             bound = {"timeout": sec.stall_timeout, "timeout_flag": "--stall-timeout"}
-            _handshake_errors(f"TLS to {address}", sec, tls.do_handshake, **bound)
+            _handshake_errors(f"TLS to {address}", sec, lambda: _tls_handshake(tls), **bound)
             if key is not None:
                 _handshake_errors(f"authentication with {address}", sec, lambda: psk.prove(tls, key), **bound)
         scheme = {"insecure": "tcp", "cert": "tls", "psk": "tls+psk"}[sec.mode]
         return SocketChannel(sock, f"{scheme}:{address}", stall_timeout=sec.stall_timeout, peer="the receiver")
     except BaseException:
         sock.close()
+        raise
+
+
+def _tls_handshake(tls: ssl.SSLSocket) -> None:
+    """The client's TLS handshake; the peer closing before it is done is _DroppedBeforeAuthentication
+    (a refusal of our credentials comes as a TLS alert instead, an SSLError that is not retried)."""
+    try:
+        tls.do_handshake()
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+        raise _DroppedBeforeAuthentication(str(exc) or type(exc).__name__) from None
+    except OSError as exc:
+        if exc.errno in _DROPPED:
+            raise _DroppedBeforeAuthentication(exc.strerror or str(exc)) from None
         raise
 
 

@@ -46,8 +46,9 @@ def main() -> int:
         with open(target, "wb") as f:
             f.truncate(size)
         psk = work / "demo.psk"  # both ends prove they hold it; plain TCP would need --insecure
-        psk.write_text(os.urandom(32).hex())
-        psk.chmod(0o600)
+        fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # never readable by others
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())   # what `openssl rand -hex 32` makes
         print(f"demo: source {source} ({size >> 20} MiB of random data, every 8th MiB zero), empty target {target}")
         print(f"demo: blocktrack migrate --backend nbd serves the source on {work / 'nbd.sock'}; a writer process "
               f"writes random data through it at {percent:.0f} % of a {link >> 20} MiB/s link")

@@ -112,6 +112,28 @@ class FaultProxy:
                 pass
 
 
+class DropFirstProxy(FaultProxy):
+    """Close the first ``drop`` connections at once (RST), as a receiver's admission limits do with
+    one they refuse or evict before its handshake; then forward one connection as FaultProxy does."""
+
+    def __init__(self, port: int, drop: int):
+        self.drop = drop
+        self.dropped = 0
+        super().__init__(port)
+
+    def _run(self) -> None:
+        self.listener.settimeout(WAIT)
+        for _ in range(self.drop):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            self.dropped += 1
+        super()._run()
+
+
 class RecordDroppingProxy:
     """Forward one migration connection to 127.0.0.1:``port`` and drop one whole record from the
     migration stream: the first ``length`` stream bytes that begin with ``pattern`` (say a chunk's

@@ -110,3 +110,30 @@ def test_migrate_socket_options_are_checked(tmp_path):
     result = run_blocktrack("migrate", source, "--to", "127.0.0.1:1", "--insecure", "--serve-socket-mode", "999",
                             "--state-dir", tmp_path / "state", text=True)
     assert result.returncode == 2 and "--serve-socket-mode must be an octal file mode" in result.stderr, result.stderr
+
+
+def test_socket_group_lets_a_non_root_member_in_and_no_one_else(tmp_path):
+    """`--socket-group` is for a VM's user: a non-root user (nobody) in that group connects and reads
+    the export; the same user without the group is refused by the socket's mode (EACCES)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    assert shutil.which("setpriv"), "needs setpriv (util-linux)"
+    nobody = 65534
+    group = _other_group()
+    folder = tempfile.mkdtemp(prefix="blocktrack-sock-")   # pytest's tmp_path is private to root
+    try:
+        os.chmod(folder, 0o755)
+        image = write_image(tmp_path / "disk.img", MiB)
+        with Served(image, os.path.join(folder, "s.sock"), "--socket-group", group.gr_name, umask=0o022) as served:
+            assert _mode_and_gid(served.socket) == (0o660, group.gr_gid)
+            as_nobody = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}"]
+            member = subprocess.run([*as_nobody, f"--groups={group.gr_gid}", "nbdinfo", "--size", served.uri],
+                                    capture_output=True, text=True, timeout=WAIT, cwd="/")
+            assert member.returncode == 0 and int(member.stdout) == MiB, member
+            stranger = subprocess.run([*as_nobody, "--clear-groups", "nbdinfo", "--size", served.uri],
+                                      capture_output=True, text=True, timeout=WAIT, cwd="/")
+            assert stranger.returncode != 0 and "Permission denied" in stranger.stderr, stranger
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

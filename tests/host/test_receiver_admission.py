@@ -20,7 +20,7 @@ import pytest
 
 from blocktrack.migrate.scenario import sha256, start_migrate, start_receiver
 from tests.conftest import MiB, blank_image, run_blocktrack, write_image
-from tests.host.net_helpers import make_pki, psk_file, tls_args
+from tests.host.net_helpers import DropFirstProxy, make_pki, psk_file, tls_args
 
 KEY = b"4f1c2a9be0d7735c1a2b3c4d5e6f7081"
 HOLDERS = 25
@@ -88,9 +88,12 @@ def test_sender_gets_through_connections_held_open(tmp_path, pki, kind, attack):
     holders = None
     try:
         holders = Holders(port, HOLDERS, first_bytes=first)
+        started = time.monotonic()
         sent = run_blocktrack("send", "--device", f"d={source}", "--to", f"127.0.0.1:{port}",
                               "--stall-timeout", "60", *_auth(kind, tmp_path, pki, "sender"), text=True, timeout=120)
         assert sent.returncode == 0, sent.stderr
+        # Through at once, not after any timeout (the handshake timeout here is 300 s).
+        assert time.monotonic() - started < 30, time.monotonic() - started
         assert receiver.wait() == 0, receiver.stderr
         assert sha256(target) == sha256(source)
         # The connections held open from the sender's own address made way, oldest first; none of them
@@ -192,3 +195,111 @@ def test_a_slowloris_dripping_its_hello_is_cut_at_the_handshake_timeout(tmp_path
         assert receiver.alive()
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize("kind", ["psk", "cert"])
+def test_a_sender_dropped_before_authentication_tries_again(tmp_path, pki, kind):
+    """Issue 25: the receiver's admission limits may close a sender's connection before its TLS
+    handshake (too many unauthenticated connections from its address: the oldest makes way). The
+    sender tries again, with short pauses, within its --stall-timeout, instead of failing at once
+    with exit 5 as it did. Here a proxy resets its first two connections."""
+    source = write_image(tmp_path / "src.img", 4 * MiB, seed=43)
+    target = blank_image(tmp_path / "dst.img", 4 * MiB)
+    receiver, port = start_receiver([f"d={target}"], tmp_path / "state", auth=_auth(kind, tmp_path, pki, "receiver"))
+    proxy = DropFirstProxy(port, drop=2)
+    try:
+        started = time.monotonic()
+        sent = run_blocktrack("send", "--device", f"d={source}", "--to", proxy.address, "--stall-timeout", "30",
+                              *_auth(kind, tmp_path, pki, "sender"), text=True, timeout=120)
+        elapsed = time.monotonic() - started
+        assert sent.returncode == 0, sent.stderr
+        assert proxy.dropped == 2
+        assert elapsed < 30, f"{elapsed:.1f} s"
+        assert receiver.wait() == 0, receiver.stderr
+        assert sha256(target) == sha256(source)
+    finally:
+        proxy.close()
+        if receiver.alive():
+            receiver.stop()
+
+
+def test_a_sender_always_dropped_gives_up_within_its_stall_timeout(tmp_path, pki):
+    """The retries are bounded: a receiver that drops every connection before the handshake is
+    reported after --stall-timeout, with what to look at, and exit 5."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drop_all():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    dropper = threading.Thread(target=drop_all, daemon=True)
+    dropper.start()
+    source = write_image(tmp_path / "src.img", MiB, seed=44)
+    try:
+        started = time.monotonic()
+        sent = run_blocktrack("send", "--device", f"d={source}", "--to", f"127.0.0.1:{listener.getsockname()[1]}",
+                              "--stall-timeout", "3", *_auth("psk", tmp_path, pki, "sender"), text=True, timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        dropper.join(5)
+        listener.close()
+    assert sent.returncode == 5, sent.stderr
+    assert "closed the connection before the handshake was done" in sent.stderr, sent.stderr
+    assert "--max-handshakes-per-address" in sent.stderr
+    assert 1 < elapsed < 20, f"{elapsed:.1f} s"    # it tried again (pauses 0.2, 0.4, 0.8 s ...), then gave up
+
+
+def _proc_status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_thousand_connection_attempts_leave_the_receiver_bounded(tmp_path):
+    """Issue 25: 1,000 connections from the sender's own address, made one after the other and left
+    idle (the last hundred held open): the receiver's threads and memory do not grow with them (at
+    most --max-handshakes-per-address handshakes per address, the oldest giving way and its thread
+    ending at once), and the real sender then still gets through and verifies."""
+    source = write_image(tmp_path / "src.img", 4 * MiB, seed=45)
+    target = blank_image(tmp_path / "dst.img", 4 * MiB)
+    key = ("--psk-file", psk_file(tmp_path / "psk", KEY))
+    receiver, port = start_receiver([f"d={target}"], tmp_path / "state", *PATIENT, auth=key)
+    pid = receiver.proc.pid
+    base_rss = _proc_status(pid, "VmRSS")
+    held: list[socket.socket] = []
+    peak_threads = 0
+    try:
+        for i in range(1000):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            except OSError:
+                continue     # a full backlog refused it: an attempt all the same
+            if len(held) > 100:
+                held.pop(0).close()
+            if i % 25 == 0:
+                peak_threads = max(peak_threads, _proc_status(pid, "Threads"))
+        peak_threads = max(peak_threads, _proc_status(pid, "Threads"))
+        grown = (_proc_status(pid, "VmHWM") - base_rss) << 10
+        assert peak_threads <= 40, f"{peak_threads} threads in the receiver"
+        assert grown < 64 * MiB, f"the receiver grew by {grown >> 20} MiB"
+        started = time.monotonic()
+        sent = run_blocktrack("send", "--device", f"d={source}", "--to", f"127.0.0.1:{port}", "--stall-timeout", "60",
+                              *key, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert time.monotonic() - started < 30
+        assert receiver.wait() == 0, receiver.stderr
+        assert sha256(target) == sha256(source)
+    finally:
+        for s in held:
+            s.close()
+        if receiver.alive():
+            receiver.stop()
