@@ -90,7 +90,8 @@ def main() -> int:
         print(f"  writer:     {writer.get('writes', 0)} writes during the migration"
               + ("; its write after the cutover was held, then refused by `blocktrack release --retire`"
                  if refused else "; it had no write waiting at the cutover"))
-        print(f"  verified:   by blocktrack ({summary['chunks_verified']} final-pass chunks, XXH3-128 digests): "
+        compared = f"{summary['chunks_verified']} of {summary.get('chunks', summary['chunks_verified'])} chunks"
+        print(f"  verified:   by blocktrack ({compared} compared, XXH3-128 digest maps of both ends): "
               f"{summary['result']}; by this demo (sha256 of source and target): "
               f"{'identical' if result.identical else 'DIFFERENT'}")
         ok = summary["result"] == "verified" and result.identical

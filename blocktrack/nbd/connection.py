@@ -443,10 +443,10 @@ class Connection:
 
     def _stream_read(self, r: Request) -> None:
         """Answer a READ longer than STREAM_PIECE piece by piece: read a piece, send it, read the
-        next into the same buffer. The reply must not be interleaved with others (a simple reply's
-        data follows its header), so the worker holds ``_send_lock`` from the first piece to the
-        last; a client that does not read its replies therefore holds one piece of the server's
-        memory, not 32 MiB per request.
+        next into the same buffer. A simple reply's data must follow its header unbroken, so the
+        worker holds ``_send_lock`` from the first piece to the last (with structured replies it
+        lets other replies out between two chunks); a client that does not read its replies
+        therefore holds one piece of the server's memory, not 32 MiB per request.
 
         The piece's buffer is taken from the server's shared budget. Waiting for it while holding
         the send lock could deadlock (this connection's own queued replies may be what holds the
