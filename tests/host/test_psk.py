@@ -109,13 +109,21 @@ def test_a_key_file_of_the_calling_user_is_accepted(tmp_path):
             psk_file(Path(path), KEY)
             os.chown(path, owner, owner)
         os.chmod(other, 0o644)  # readable, so the owner rule is what refuses it
+        # nobody may not reach the checkout (a clean clone in a private temporary folder): give it a
+        # copy of the package beside the keys.
+        code = os.path.join(folder, "code")
+        shutil.copytree(ROOT / "blocktrack", os.path.join(code, "blocktrack"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, dirnames, filenames in os.walk(code):
+            for name in dirnames + filenames:
+                os.chmod(os.path.join(dirpath, name), 0o755 if name in dirnames or name.endswith(".so") else 0o644)
         probe = ("import sys\nfrom blocktrack.errors import UsageError\nfrom blocktrack.psk import read_key_file\n"
                  "for path in sys.argv[1:]:\n"
                  "    try:\n        read_key_file(path)\n        print(path, 'ok')\n"
                  "    except UsageError as exc:\n        print(path, 'refused:', exc)\n")
         result = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
                                  sys.executable, "-c", probe, mine, other], capture_output=True, text=True,
-                                timeout=WAIT, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd="/")
+                                timeout=WAIT, env=dict(os.environ, PYTHONPATH=code), cwd="/")
         lines = result.stdout.splitlines()
         assert len(lines) == 2 and lines[0] == f"{mine} ok", result
         assert lines[1].startswith(f"{other} refused:") and "owned by uid 1" in lines[1], result
