@@ -134,48 +134,27 @@ class DropFirstProxy(FaultProxy):
         super()._run()
 
 
-class RecordDroppingProxy:
+class RecordDroppingProxy(FaultProxy):
     """Forward one migration connection to 127.0.0.1:``port`` and drop one whole record from the
     migration stream: the first ``length`` stream bytes that begin with ``pattern`` (say a chunk's
     record word and device name, then its 1 MiB of data). It reads the sender's HELLO and frames
     (blocktrack.wire.control) to find the stream inside the DATA frames, holds back the bytes that
-    may begin a match, and frames what it forwards anew; everything else passes as it came.
-    ``dropped`` is set once the record is gone."""
+    may begin a match, and frames what it forwards anew; everything else passes as it came (the
+    receiver's side as FaultProxy forwards it). ``dropped`` is set once the record is gone."""
 
     def __init__(self, port: int, pattern: bytes, length: int):
-        self.port = port
         self.pattern = pattern
         self.length = length
         self.dropped = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self._sockets: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(port)
 
-    def _run(self) -> None:
-        self.listener.settimeout(WAIT)
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        if not counted:                       # receiver → sender: as it came
+            super()._pump(src, dst, counted)
             return
-        upstream = socket.create_connection(("127.0.0.1", self.port))
-        self._sockets = [client, upstream]
-        back = threading.Thread(target=self._pass, args=(upstream, client), daemon=True)
-        back.start()
         try:
-            self._sender_side(client, upstream)
+            self._sender_side(src, dst)
         except (OSError, EOFError):
-            pass
-        back.join(WAIT)
-
-    @staticmethod
-    def _pass(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
             pass
 
     @staticmethod
@@ -227,13 +206,6 @@ class RecordDroppingProxy:
         for start in range(0, len(data), 1 << 20):
             part = bytes(data[start:start + (1 << 20)])
             dst.sendall(struct.pack(">BI", C.FRAME_DATA, len(part)) + part)
-
-    def close(self) -> None:
-        for sock in self._sockets + [self.listener]:
-            try:
-                sock.close()
-            except OSError:
-                pass
 
 
 # -- certificates ------------------------------------------------------------------------------------
